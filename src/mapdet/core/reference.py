@@ -1,0 +1,71 @@
+"""Brute-force references: AP after NMS and its pseudo-gradient, straight from the definitions.
+
+Slow on purpose (``O(N^2)`` full detection-function evaluations for the gradient): the fast
+code in :mod:`mapdet.core.apnms` is tested against these on generated instances.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from mapdet.core.ap import average_precision
+from mapdet.core.nms import greedy_nms
+from mapdet.core.pseudograd import IMPROVEMENT_TOL, check_min_step, pseudo_partial
+
+__all__ = ["ap_after_nms_reference", "ap_pseudo_gradient_reference"]
+
+
+def ap_after_nms_reference(
+    scores, boxes, image_ids, gt_boxes, gt_image_ids, gt_difficult=None, *,
+    score_threshold: float = 0.05, nms_iou: float = 0.3,
+    match_iou: float | Sequence[float] = 0.5, ap_method: str = "area",
+) -> float:
+    """Detection function (threshold, order, greedy per-image NMS) followed by AP."""
+    scores = np.asarray(scores, dtype=np.float64)
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    image_ids = np.asarray(image_ids, dtype=np.int64)
+    keep = greedy_nms(scores, boxes, image_ids, score_threshold=score_threshold, nms_iou=nms_iou)
+    return average_precision(
+        scores[keep], boxes[keep], image_ids[keep], gt_boxes, gt_image_ids, gt_difficult,
+        match_iou=match_iou, ap_method=ap_method,
+    )
+
+
+def ap_pseudo_gradient_reference(
+    scores, boxes, image_ids, gt_boxes, gt_image_ids, gt_difficult=None, *,
+    score_threshold: float = 0.05, nms_iou: float = 0.3,
+    match_iou: float | Sequence[float] = 0.5, ap_method: str = "area",
+    min_step: float = 1e-3, tol: float = IMPROVEMENT_TOL,
+) -> tuple[float, np.ndarray]:
+    """Pseudo-gradient of AP after NMS w.r.t. the scores, by brute force.
+
+    Along ``s_i`` the breakpoints are the distinct values among the other windows' scores and
+    ``score_threshold`` (docs/method.md, section 3); ``f`` is re-evaluated from scratch just
+    beyond each of them until the first improvement in each direction.
+    """
+    check_min_step(min_step)
+    scores = np.asarray(scores, dtype=np.float64)
+    kwargs = dict(score_threshold=score_threshold, nms_iou=nms_iou, match_iou=match_iou,
+                  ap_method=ap_method)
+
+    def f(s: np.ndarray) -> float:
+        return ap_after_nms_reference(s, boxes, image_ids, gt_boxes, gt_image_ids,
+                                      gt_difficult, **kwargs)
+
+    f_x = f(scores)
+    grad = np.zeros_like(scores)
+    if np.isnan(f_x):
+        return f_x, grad
+    for i in range(scores.size):
+        others = np.delete(scores, i)
+        points = np.append(others, score_threshold)
+
+        def f_along(value: float, i: int = i) -> float:
+            moved = scores.copy()
+            moved[i] = value
+            return f(moved)
+
+        grad[i] = pseudo_partial(f_along, scores[i], points, f_x=f_x, min_step=min_step, tol=tol)
+    return f_x, grad

@@ -1,0 +1,1 @@
+"""mapdet.engine"""

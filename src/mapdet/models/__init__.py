@@ -1,0 +1,1 @@
+"""mapdet.models"""
