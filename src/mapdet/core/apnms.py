@@ -356,52 +356,49 @@ def _runs(L, n, s, run_start):
 
 
 @njit(cache=True, nogil=True)
-def _competitor(L, n, i, best, best_iou, theta):
-    """Position in ``L[:n]`` of the first detection matching ``i``'s ground truth at
-    ``theta`` (the one ``i`` competes with), or ``n`` when there is none."""
+def _walk_is_monotone(i, best, best_iou, gt_diff, thetas):
+    """Whether "the AP improves" is monotone along a walk (false, then true), so that the
+    first improvement can be found by binary search.
+
+    With one IoU threshold, ``f`` along the walk is non-increasing then non-decreasing (an
+    FP moving up or a TP moving down only loses; crossing the detection that competes for
+    ``i``'s ground truth swaps two labels and leaves the sequence as it was), and the
+    non-increasing part starts from a value that is not an improvement. The same holds with
+    several thresholds when ``i`` is a TP at none of them. Otherwise the walk is scanned.
+    """
+    if thetas.size == 1:
+        return True
     g = best[i]
-    for k in range(n):
-        d = L[k]
-        if best[d] == g and best_iou[d] >= theta:
-            return k
-    return n
+    return not (g >= 0 and not gt_diff[g] and best_iou[i] >= thetas.min())
 
 
 @njit(cache=True, nogil=True)
 def _search_up(L, n, q_start, i, s, f0, tol, mu, best, best_iou, gt_diff, thetas, weights,
                stamp, vbuf, run_start):
-    """First improvement when ``i`` (a detection in a fixed NMS state) moves up from
-    position ``q_start`` of ``L[:n]``. Returns the slope (0 when none)."""
-    if q_start <= 0:
-        return 0.0
+    """First improvement when ``i`` (a detection in a fixed NMS state, at position
+    ``q_start`` of ``L[:n]``, not improving there) moves up. Returns the slope (0 if none).
+
+    Crossing run ``r`` (tied scores ``v``) upwards puts ``i`` at ``run_start[r]``;
+    ``delta = v - s_i``."""
     nr = _runs(L, n, s, run_start)
-    # r_max: last run starting above i.
-    r_max = -1
+    r_max = -1  # last run starting above i
     for r in range(nr):
         if run_start[r] < q_start:
             r_max = r
     if r_max < 0:
         return 0.0
     g = best[i]
-    tp_any = g >= 0 and not gt_diff[g] and best_iou[i] >= thetas.min()
-    if not tp_any:
+    if not (g >= 0 and not gt_diff[g] and best_iou[i] >= thetas.min()):
         return 0.0  # FP or ignored at every threshold: moving up cannot improve AP
     si = s[i]
-    if thetas.size == 1 and best_iou[i] >= thetas[0]:
-        c = _competitor(L, n, i, best, best_iou, thetas[0])
-        # Non-decreasing region: runs whose start is at or above the competitor.
-        hi = r_max
-        while hi >= 0 and run_start[hi] > c:
-            hi -= 1
-        if hi < 0:
-            return 0.0
+    if _walk_is_monotone(i, best, best_iou, gt_diff, thetas):
         top = _ap_of(L, n, run_start[0], i, best, best_iou, gt_diff, thetas, weights,
                      stamp, vbuf)
         if not top > f0 + tol:
             return 0.0
-        # F is non-decreasing as r decreases: find the largest run r <= hi that improves.
+        # Improvement holds for runs 0..r* and not below: find r*, the nearest one.
         a = 0
-        b = hi
+        b = r_max
         v_a = top
         while a < b:
             mid = (a + b + 1) >> 1
@@ -413,7 +410,6 @@ def _search_up(L, n, q_start, i, s, f0, tol, mu, best, best_iou, gt_diff, thetas
             else:
                 b = mid - 1
         return (v_a - f0) / (s[L[run_start[a]]] - si + mu)
-    # Several thresholds: scan the runs in walking order.
     for r in range(r_max, -1, -1):
         v = _ap_of(L, n, run_start[r], i, best, best_iou, gt_diff, thetas, weights, stamp, vbuf)
         if v > f0 + tol:
@@ -422,55 +418,40 @@ def _search_up(L, n, q_start, i, s, f0, tol, mu, best, best_iou, gt_diff, thetas
 
 
 @njit(cache=True, nogil=True)
+def _run_end(run_start, nr, n, r):
+    return (run_start[r + 1] - 1) if r + 1 < nr else n - 1
+
+
+@njit(cache=True, nogil=True)
 def _search_down(L, n, q_start, i, b_stop, s, f0, tol, mu, best, best_iou, gt_diff, thetas,
                  weights, stamp, vbuf, run_start):
     """First improvement when detection ``i`` moves down from position ``q_start`` of
-    ``L[:n]`` through runs whose score is ``> b_stop``. Returns the slope (0 when none)."""
+    ``L[:n]`` through the runs scoring ``> b_stop``. Returns the slope (0 when none).
+
+    Crossing run ``r`` downwards puts ``i`` just below its end; ``delta = s_i - v``."""
     nr = _runs(L, n, s, run_start)
     si = s[i]
-    # Runs crossed going down: end >= q_start (end = next start - 1) and value > b_stop.
     r_lo = -1
     r_hi = -1
     for r in range(nr):
-        end = (run_start[r + 1] - 1) if r + 1 < nr else n - 1
-        if end >= q_start and s[L[run_start[r]]] > b_stop:
+        if _run_end(run_start, nr, n, r) >= q_start and s[L[run_start[r]]] > b_stop:
             if r_lo < 0:
                 r_lo = r
             r_hi = r
     if r_lo < 0:
         return 0.0
-    g = best[i]
-    tp_any = g >= 0 and not gt_diff[g] and best_iou[i] >= thetas.min()
-    monotone = False
-    c = -1
-    if not tp_any:
-        monotone = True  # FP (or ignored) at every threshold: non-decreasing going down
-    elif thetas.size == 1:
-        monotone = True
-        c = _competitor(L, n, i, best, best_iou, thetas[0])
-        if c == n:
-            return 0.0  # a TP with no competitor only loses by moving down
-    if monotone:
-        # Non-decreasing region: runs ending at or below the competitor.
-        while r_lo <= r_hi:
-            end = (run_start[r_lo + 1] - 1) if r_lo + 1 < nr else n - 1
-            if end >= c:
-                break
-            r_lo += 1
-        if r_lo > r_hi:
+    if _walk_is_monotone(i, best, best_iou, gt_diff, thetas):
+        v_b = _ap_of(L, n, _run_end(run_start, nr, n, r_hi) + 1, i, best, best_iou, gt_diff,
+                     thetas, weights, stamp, vbuf)
+        if not v_b > f0 + tol:
             return 0.0
-        end_hi = (run_start[r_hi + 1] - 1) if r_hi + 1 < nr else n - 1
-        v = _ap_of(L, n, end_hi + 1, i, best, best_iou, gt_diff, thetas, weights, stamp, vbuf)
-        if not v > f0 + tol:
-            return 0.0
-        # F is non-decreasing in r: find the smallest run r >= r_lo that improves.
+        # Improvement holds for runs r*..r_hi and not before: find r*, the nearest one.
         a = r_lo
         b = r_hi
-        v_b = v
         while a < b:
             mid = (a + b) >> 1
-            end = (run_start[mid + 1] - 1) if mid + 1 < nr else n - 1
-            vm = _ap_of(L, n, end + 1, i, best, best_iou, gt_diff, thetas, weights, stamp, vbuf)
+            vm = _ap_of(L, n, _run_end(run_start, nr, n, mid) + 1, i, best, best_iou, gt_diff,
+                        thetas, weights, stamp, vbuf)
             if vm > f0 + tol:
                 b = mid
                 v_b = vm
@@ -478,8 +459,8 @@ def _search_down(L, n, q_start, i, b_stop, s, f0, tol, mu, best, best_iou, gt_di
                 a = mid + 1
         return (v_b - f0) / (si - s[L[run_start[a]]] + mu)
     for r in range(r_lo, r_hi + 1):
-        end = (run_start[r + 1] - 1) if r + 1 < nr else n - 1
-        v = _ap_of(L, n, end + 1, i, best, best_iou, gt_diff, thetas, weights, stamp, vbuf)
+        v = _ap_of(L, n, _run_end(run_start, nr, n, r) + 1, i, best, best_iou, gt_diff, thetas,
+                   weights, stamp, vbuf)
         if v > f0 + tol:
             return (v - f0) / (si - s[L[run_start[r]]] + mu)
     return 0.0
@@ -592,8 +573,10 @@ def _cascade_graph(nb_ptr, nb_idx, base_kept, base_cnt, n):
 
 @njit(cache=True, nogil=True)
 def _pseudo_gradient_kernel(s, boxes, img, n_img, order, rank, best, best_iou, gt_diff,
-                            thetas, weights, tau, nu, mu, tol, slope_rtol, grad):
-    """Exact pseudo-gradient of AP after NMS for one class; returns ``f(x)``."""
+                            thetas, weights, tau, nu, mu, tol, slope_rtol, n_grad, grad):
+    """Exact pseudo-gradient of AP after NMS for one class; returns ``f(x)``.
+
+    Fills ``grad[:n_grad]``; the windows from ``n_grad`` on take part in the AP only."""
     n = s.size
     n_cand = order.size
     # Candidates per image, in rank order.
@@ -666,7 +649,7 @@ def _pseudo_gradient_kernel(s, boxes, img, n_img, order, rank, best, best_iou, g
     vbuf = np.empty(n + 2, dtype=np.float64)
     t_min = thetas.min()
 
-    for i in range(n):
+    for i in range(n_grad):
         si = s[i]
         if base_kept[i]:
             # ---- i is a detection.
@@ -801,7 +784,7 @@ def ap_pseudo_gradient(
     return _solve(p)
 
 
-def _solve(p: _ClassProblem) -> tuple[float, np.ndarray]:
+def _solve(p: _ClassProblem, grad_rows: int | None = None) -> tuple[float, np.ndarray]:
     n = p.scores.size
     grad = np.zeros(n, dtype=np.float64)
     if p.npos == 0:
@@ -810,7 +793,8 @@ def _solve(p: _ClassProblem) -> tuple[float, np.ndarray]:
         return 0.0, grad
     f0 = _pseudo_gradient_kernel(
         p.scores, p.boxes, p.dense_img, p.n_img, p.order, p.rank, p.best, p.best_iou,
-        p.gt_difficult, p.thetas, p.weights, p.tau, p.nu, p.mu, IMPROVEMENT_TOL, SLOPE_RTOL, grad,
+        p.gt_difficult, p.thetas, p.weights, p.tau, p.nu, p.mu, IMPROVEMENT_TOL, SLOPE_RTOL,
+        n if grad_rows is None else min(int(grad_rows), n), grad,
     )
     return float(f0), grad
 
@@ -819,7 +803,7 @@ def ap_pseudo_gradient_multiclass(
     scores, boxes, image_ids, gt_boxes, gt_labels, gt_image_ids, gt_difficult=None, *,
     score_threshold: float = 0.05, nms_iou: float = 0.3,
     match_iou: float | Sequence[float] = 0.5, ap_method: str = "area",
-    min_step: float = 1e-3, num_threads: int | None = None,
+    min_step: float = 1e-3, num_threads: int | None = None, grad_rows: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-class APs and pseudo-gradients for ``K`` classes, classes in parallel threads.
 
@@ -831,6 +815,9 @@ def ap_pseudo_gradient_multiclass(
             ``gt_image_ids``: ``(G,)``; ``gt_difficult``: ``(G,)`` bool or None.
         num_threads: threads for the classes (default: ``os.cpu_count()``; 1 runs inline).
             The numba kernels release the GIL, so threads run truly in parallel.
+        grad_rows: compute the gradient of the first ``grad_rows`` windows only (the others,
+            e.g. detections kept from earlier minibatches, only take part in the AP; their
+            gradient is returned as 0). Default: all.
 
     Returns:
         ``(aps (K,), grads (N, K))``: AP per class (NaN where undefined) and the
@@ -865,10 +852,10 @@ def ap_pseudo_gradient_multiclass(
         ))
     threads = num_threads or os.cpu_count() or 1
     if threads <= 1 or k <= 1:
-        results = [_solve(p) for p in problems]
+        results = [_solve(p, grad_rows) for p in problems]
     else:
         with ThreadPoolExecutor(max_workers=min(threads, k)) as pool:
-            results = list(pool.map(_solve, problems))
+            results = list(pool.map(lambda p: _solve(p, grad_rows), problems))
     aps = np.array([r[0] for r in results], dtype=np.float64)
     grads = np.stack([r[1] for r in results], axis=1) if k else np.zeros((n, 0))
     return aps, grads
