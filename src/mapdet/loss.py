@@ -1,0 +1,289 @@
+"""The mAP loss: the bridge from PyTorch tensors to the core's AP and pseudo-gradients.
+
+``loss = 1 - mAP`` over the windows of a minibatch, where ``mAP`` is the mean over the
+classes ``C'`` with at least one non-difficult ground truth of the AP after the detection
+function (score threshold, NMS) run on the windows' class scores and class-specific boxes.
+The gradient handed to autograd for ``probs[i, c]`` is ``-g_ic / |C'|`` with ``g_ic`` the
+exact pseudo-gradient of ``AP_c`` w.r.t. ``probs[i, c]`` (docs/method.md, section 4).
+With ``form="neg_log"`` the loss is ``-log(mAP)`` and the gradient ``-g_ic / (|C'| mAP)``.
+
+Beyond one minibatch (docs/method.md, section 6):
+
+- ``memory=K`` keeps the detections of the last ``K`` minibatches (scores detached) and
+  includes them in the AP; only the current windows receive a gradient.
+- ``distributed=True`` gathers the windows of every rank (``torch.distributed``) so that the
+  AP is the global batch's; each rank receives the pseudo-gradients of its own windows,
+  multiplied by the world size so that DDP's gradient averaging yields the global-batch
+  gradient.
+
+Boxes receive no gradient here (AP is piecewise constant in the scores and the loss is
+defined through them); train the box regression with its smooth-L1 loss beside this one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from mapdet.core.ap import check_ap_method, match_thresholds
+from mapdet.core.apnms import ap_pseudo_gradient_multiclass
+from mapdet.core.pseudograd import check_min_step
+
+__all__ = ["LOSS_FORMS", "MAPLoss", "Windows"]
+
+LOSS_FORMS = ("one_minus", "neg_log")
+#: ``-log(mAP)`` uses ``max(mAP, NEG_LOG_FLOOR)`` so that a zero mAP gives a finite loss.
+NEG_LOG_FLOOR = 1e-4
+
+
+@dataclass
+class Windows:
+    """A minibatch's windows and ground truth as float64/int64 numpy arrays.
+
+    Attributes:
+        probs: ``(N, K)``; boxes: ``(N, K, 4)`` or ``(N, 4)``; image_ids: ``(N,)`` in
+        ``0..B-1``; gt_boxes ``(G, 4)``, gt_labels ``(G,)``, gt_image_ids ``(G,)``,
+        gt_difficult ``(G,)``; num_images: ``B``.
+    """
+
+    probs: np.ndarray
+    boxes: np.ndarray
+    image_ids: np.ndarray
+    gt_boxes: np.ndarray
+    gt_labels: np.ndarray
+    gt_image_ids: np.ndarray
+    gt_difficult: np.ndarray
+    num_images: int
+
+    @staticmethod
+    def concat(parts: Sequence[Windows]) -> Windows:
+        """Concatenate minibatches, renumbering images so they stay distinct."""
+        offsets = np.cumsum([0] + [p.num_images for p in parts])
+        starts = offsets[:-1]
+        if all(p.boxes.ndim == 2 for p in parts):
+            boxes = [p.boxes for p in parts]
+        else:  # mixed shared/class-specific boxes: expand the shared ones
+            k = parts[0].probs.shape[1]
+            boxes = [p.boxes if p.boxes.ndim == 3 else np.repeat(p.boxes[:, None], k, axis=1)
+                     for p in parts]
+        return Windows(
+            probs=np.concatenate([p.probs for p in parts]),
+            boxes=np.concatenate(boxes),
+            image_ids=np.concatenate([p.image_ids + o for p, o in zip(parts, starts, strict=True)]),
+            gt_boxes=np.concatenate([p.gt_boxes for p in parts]),
+            gt_labels=np.concatenate([p.gt_labels for p in parts]),
+            gt_image_ids=np.concatenate(
+                [p.gt_image_ids + o for p, o in zip(parts, starts, strict=True)]),
+            gt_difficult=np.concatenate([p.gt_difficult for p in parts]),
+            num_images=int(offsets[-1]),
+        )
+
+
+def _to_numpy(name: str, value, dtype) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value, dtype=dtype)
+
+
+def windows_from_tensors(probs, boxes, image_ids, targets) -> Windows:
+    """Validate the loss inputs and convert them to :class:`Windows`.
+
+    Raises ``ValueError`` naming the argument on NaN/inf probabilities, shape mismatches,
+    image ids outside ``0..len(targets)-1`` and labels outside ``0..K-1``.
+    """
+    if probs.ndim != 2:
+        raise ValueError(f"probs must have shape (N, K), got {tuple(probs.shape)}")
+    n, k = probs.shape
+    p = _to_numpy("probs", probs, np.float64)
+    bad = ~np.isfinite(p)
+    if bad.any():
+        raise ValueError(f"probs contains {int(np.isnan(p).sum())} NaN and "
+                         f"{int(bad.sum() - np.isnan(p).sum())} infinite value(s)")
+    b = _to_numpy("boxes", boxes, np.float64)
+    if b.shape not in ((n, k, 4), (n, 4)):
+        raise ValueError(f"boxes must have shape (N, K, 4) = ({n}, {k}, 4) or (N, 4) = ({n}, 4), "
+                         f"got {tuple(b.shape)}")
+    ids = _to_numpy("image_ids", image_ids, np.int64).reshape(-1)
+    if ids.shape[0] != n:
+        raise ValueError(f"image_ids has {ids.shape[0]} entries, probs has {n} rows")
+    num_images = len(targets)
+    if n and (ids.min() < 0 or ids.max() >= num_images):
+        raise ValueError(f"image_ids must index targets (0..{num_images - 1}), "
+                         f"got values in [{ids.min()}, {ids.max()}]")
+    gt_boxes, gt_labels, gt_images, gt_difficult = [], [], [], []
+    for j, t in enumerate(targets):
+        for key in ("boxes", "labels"):
+            if key not in t:
+                raise ValueError(f"targets[{j}] has no {key!r} entry (keys: {sorted(t)})")
+        gb = _to_numpy(f"targets[{j}]['boxes']", t["boxes"], np.float64).reshape(-1, 4)
+        gl = _to_numpy(f"targets[{j}]['labels']", t["labels"], np.int64).reshape(-1)
+        if gl.shape[0] != gb.shape[0]:
+            raise ValueError(f"targets[{j}] has {gb.shape[0]} boxes but {gl.shape[0]} labels")
+        if gl.size and (gl.min() < 0 or gl.max() >= k):
+            raise ValueError(f"targets[{j}]['labels'] must be in 0..{k - 1} (K = {k} foreground "
+                             f"classes), got values in [{gl.min()}, {gl.max()}]")
+        gd = t.get("difficult")
+        gd = (np.zeros(gl.size, dtype=bool) if gd is None
+              else _to_numpy(f"targets[{j}]['difficult']", gd, bool).reshape(-1))
+        if gd.shape[0] != gl.shape[0]:
+            raise ValueError(f"targets[{j}] has {gl.shape[0]} labels but {gd.shape[0]} "
+                             "difficult flags")
+        gt_boxes.append(gb)
+        gt_labels.append(gl)
+        gt_images.append(np.full(gl.size, j, dtype=np.int64))
+        gt_difficult.append(gd)
+    return Windows(
+        probs=p, boxes=b, image_ids=ids,
+        gt_boxes=np.concatenate(gt_boxes) if gt_boxes else np.zeros((0, 4)),
+        gt_labels=np.concatenate(gt_labels) if gt_labels else np.zeros(0, np.int64),
+        gt_image_ids=np.concatenate(gt_images) if gt_images else np.zeros(0, np.int64),
+        gt_difficult=np.concatenate(gt_difficult) if gt_difficult else np.zeros(0, bool),
+        num_images=num_images,
+    )
+
+
+class _MAPFunction(torch.autograd.Function):
+    """``forward(probs, loss_value, grad_probs) -> loss``; the backward hands autograd the
+    precomputed ``grad_probs`` (the negative scaled pseudo-gradient)."""
+
+    @staticmethod
+    def forward(ctx, probs, loss_value, grad_probs):  # noqa: D102
+        ctx.save_for_backward(grad_probs)
+        return loss_value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):  # noqa: D102
+        (grad_probs,) = ctx.saved_tensors
+        return grad_output * grad_probs, None, None
+
+
+class MAPLoss(nn.Module):
+    """``1 - mAP`` after NMS with exact pseudo-gradients (Henderson & Ferrari, ACCV 2016).
+
+    Args:
+        score_threshold: candidates have ``prob > score_threshold`` (Fast R-CNN: 0.05).
+        nms_iou: NMS suppresses at ``IoU > nms_iou`` (Fast R-CNN: 0.3).
+        match_iou: TP threshold, or a sequence for COCO-style AP averaged over thresholds.
+        ap_method: ``"area"``, ``"voc07"`` or ``"r101"``.
+        min_step: ``mu > 0`` in the pseudo-gradient's slopes.
+        form: ``"one_minus"`` (``1 - mAP``) or ``"neg_log"`` (``-log mAP``).
+        memory: number of past minibatches whose (detached) detections join the AP.
+        distributed: gather every rank's windows (``torch.distributed`` must be
+            initialised); the AP is the global batch's.
+        num_threads: threads for the classes (default: all cores).
+
+    ``forward(probs (N, K), boxes (N, K, 4) | (N, 4), image_ids (N,), targets)``: ``probs``
+    are the softmax probabilities of the K foreground classes (background column removed),
+    ``targets[b] = {"boxes": (M, 4), "labels": (M,) in 0..K-1, "difficult": (M,) optional}``
+    and ``image_ids`` index ``targets``. Returns a scalar tensor on ``probs``' device.
+    After a call, ``last_ap (K,)`` holds the per-class APs (NaN where undefined) and
+    ``last_map`` their mean over the defined classes.
+    """
+
+    def __init__(self, score_threshold: float = 0.05, nms_iou: float = 0.3,
+                 match_iou: float | Sequence[float] = 0.5, ap_method: str = "area",
+                 min_step: float = 1e-3, form: str = "one_minus", *, memory: int = 0,
+                 distributed: bool = False, num_threads: int | None = None):
+        super().__init__()
+        check_ap_method(ap_method)
+        match_thresholds(match_iou)
+        check_min_step(min_step)
+        if form not in LOSS_FORMS:
+            raise ValueError(f"form must be one of {list(LOSS_FORMS)}, got {form!r}")
+        if int(memory) < 0:
+            raise ValueError(f"memory must be >= 0 minibatches, got {memory!r}")
+        self.score_threshold = float(score_threshold)
+        self.nms_iou = float(nms_iou)
+        self.match_iou = match_iou
+        self.ap_method = ap_method
+        self.min_step = float(min_step)
+        self.form = form
+        self.memory = int(memory)
+        self.distributed = bool(distributed)
+        self.num_threads = num_threads
+        self._memory: deque[Windows] = deque(maxlen=max(self.memory, 1))
+        self.last_ap = np.zeros(0)
+        self.last_map = float("nan")
+
+    def extra_repr(self) -> str:
+        return (f"score_threshold={self.score_threshold}, nms_iou={self.nms_iou}, "
+                f"match_iou={self.match_iou}, ap_method={self.ap_method!r}, "
+                f"min_step={self.min_step}, form={self.form!r}, memory={self.memory}, "
+                f"distributed={self.distributed}")
+
+    def reset_memory(self) -> None:
+        """Forget the stored minibatches (e.g. after loading a checkpoint)."""
+        self._memory.clear()
+
+    def forward(self, probs: torch.Tensor, boxes, image_ids, targets) -> torch.Tensor:
+        current = windows_from_tensors(probs, boxes, image_ids, targets)
+        local = current
+        rank_slices = None
+        world = 1
+        if self.distributed:
+            local, rank_slices, world = _gather_windows(current)
+        context = local
+        if self.memory and self._memory:
+            context = Windows.concat([local, *self._memory])
+        aps, grads = ap_pseudo_gradient_multiclass(
+            context.probs, context.boxes, context.image_ids, context.gt_boxes,
+            context.gt_labels, context.gt_image_ids, context.gt_difficult,
+            score_threshold=self.score_threshold, nms_iou=self.nms_iou,
+            match_iou=self.match_iou, ap_method=self.ap_method, min_step=self.min_step,
+            num_threads=self.num_threads, grad_rows=local.probs.shape[0],
+        )
+        if self.memory:
+            self._memory.appendleft(_detached_detections(local, self.score_threshold))
+        n_local = local.probs.shape[0]
+        grads = grads[:n_local]
+        if rank_slices is not None:
+            grads = grads[rank_slices] * world
+        defined = ~np.isnan(aps)
+        self.last_ap = aps
+        n_def = int(defined.sum())
+        if n_def == 0:
+            self.last_map = float("nan")
+            loss_value, scale = 0.0, 0.0
+        else:
+            m_ap = float(aps[defined].mean())
+            self.last_map = m_ap
+            if self.form == "one_minus":
+                loss_value, scale = 1.0 - m_ap, 1.0 / n_def
+            else:
+                floor = max(m_ap, NEG_LOG_FLOOR)
+                loss_value, scale = -math.log(floor), 1.0 / (n_def * floor)
+        grad_probs = torch.as_tensor(-scale * grads, dtype=probs.dtype, device=probs.device)
+        value = torch.tensor(loss_value, dtype=probs.dtype, device=probs.device)
+        return _MAPFunction.apply(probs, value, grad_probs)
+
+
+def _detached_detections(w: Windows, score_threshold: float) -> Windows:
+    """What the memory keeps of a minibatch: windows scoring above the threshold in some
+    class (the others can never be detections) and all the ground truth."""
+    keep = (w.probs > score_threshold).any(axis=1)
+    return Windows(
+        probs=w.probs[keep].copy(), boxes=w.boxes[keep].copy(), image_ids=w.image_ids[keep],
+        gt_boxes=w.gt_boxes, gt_labels=w.gt_labels, gt_image_ids=w.gt_image_ids,
+        gt_difficult=w.gt_difficult, num_images=w.num_images,
+    )
+
+
+def _gather_windows(w: Windows) -> tuple[Windows, slice, int]:
+    """All ranks' windows, concatenated in rank order; this rank's rows; the world size."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("MAPLoss(distributed=True) needs torch.distributed to be "
+                           "initialised (launch with torchrun)")
+    world = dist.get_world_size()
+    parts: list[Windows | None] = [None] * world
+    dist.all_gather_object(parts, w)
+    rank = dist.get_rank()
+    start = sum(p.probs.shape[0] for p in parts[:rank])
+    return Windows.concat(parts), slice(start, start + w.probs.shape[0]), world
