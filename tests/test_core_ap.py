@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from strategies import detection_instances
 
 from mapdet import ap_after_nms
 from mapdet.core.ap import ap_from_labels, ap_weights, average_precision
 from mapdet.core.boxes import box_iou
 from mapdet.core.nms import greedy_nms
 from mapdet.core.reference import ap_after_nms_reference
-from strategies import detection_instances
 
 BOX = [0.0, 0.0, 10.0, 10.0]
 

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import detection_instances
 
 from mapdet import ap_pseudo_gradient
 from mapdet.core.apnms import ap_pseudo_gradient_multiclass
 from mapdet.core.reference import ap_pseudo_gradient_reference
 from mapdet.core.synthetic import proposal_like_outputs
-from strategies import detection_instances
 
 BOX = [0.0, 0.0, 10.0, 10.0]
 
