@@ -157,3 +157,15 @@ def test_cuda_tensors():
                      torch.tensor(o.image_ids, device="cuda"), targets)
     loss.backward()
     assert loss.device.type == "cuda" and probs.grad.device.type == "cuda"
+
+
+def test_memory_travels_in_state_dict():
+    o, targets = _batch(windows=60, classes=2, seed=2)
+    a = MAPLoss(memory=2)
+    a(torch.tensor(o.probs), o.boxes, o.image_ids, targets)
+    b = MAPLoss(memory=2)
+    b.load_state_dict(a.state_dict())
+    o2, targets2 = _batch(windows=60, classes=2, seed=3)
+    la = a(torch.tensor(o2.probs), o2.boxes, o2.image_ids, targets2).item()
+    lb = b(torch.tensor(o2.probs), o2.boxes, o2.image_ids, targets2).item()
+    assert la == lb and len(a._memory) == len(b._memory) == 2

@@ -22,6 +22,7 @@ defined through them); train the box regression with its smooth-L1 loss beside t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
 from collections.abc import Sequence
@@ -218,8 +219,19 @@ class MAPLoss(nn.Module):
                 f"distributed={self.distributed}")
 
     def reset_memory(self) -> None:
-        """Forget the stored minibatches (e.g. after loading a checkpoint)."""
+        """Forget the stored minibatches."""
         self._memory.clear()
+
+    def get_extra_state(self) -> dict:
+        """The AP memory, so that ``state_dict()`` (and a checkpoint) carries it: a resumed
+        run then sees the same AP context as an uninterrupted one."""
+        return {"memory": [dataclasses.asdict(w) for w in self._memory]}
+
+    def set_extra_state(self, state: dict) -> None:
+        self._memory.clear()
+        for w in state.get("memory", []):
+            self._memory.append(Windows(**{k: np.asarray(v) if k != "num_images" else int(v)
+                                           for k, v in w.items()}))
 
     def forward(self, probs: torch.Tensor, boxes, image_ids, targets) -> torch.Tensor:
         current = windows_from_tensors(probs, boxes, image_ids, targets)
