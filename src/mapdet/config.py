@@ -1,0 +1,505 @@
+"""The typed configuration of a mapdet run: nested dataclasses, YAML in and out.
+
+One :class:`Config` holds everything a run needs, in seven sections (``data``,
+``proposals``, ``model``, ``train``, ``loss``, ``eval``, ``output``). It is built from a YAML
+file plus ``section.key=value`` overrides (values parsed as YAML scalars, so
+``train.lr=1e-3``, ``train.lr_steps=[30000]`` and ``model.pretrained=false`` all work)::
+
+    cfg = load_config("configs/digits.yaml", ["train.lr=0.001", "model.backbone=vgg16"])
+    cfg.save(run_dir / "config.yaml")
+
+Unknown keys are errors that list the valid keys of the section and suggest the closest
+(``difflib``); values of the wrong type are errors that name the key. This module imports
+nothing else of mapdet (see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OutputConfig",
+    "ProposalConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "load_config",
+    "parse_override",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key and the problem."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """Where the images and annotations come from, and how images are prepared.
+
+    ``kind`` picks the data set reader: ``voc`` (PASCAL VOC layout under ``root``, which may
+    be a ``VOCdevkit`` directory holding ``VOC2007``/``VOC2012`` or one ``VOC20XX`` directory),
+    ``coco`` (``root`` holds the images, ``train_ann``/``test_ann`` the JSON files) or
+    ``digits`` (the embedded procedural benchmark, written to ``root`` on first use).
+    ``train_years`` lists the VOC years whose ``train_split`` lists are united (07+12 is
+    ``[2007, 2012]``). ``digits`` holds the parameters of
+    :func:`mapdet.data.digits.write_digits_voc` (``num_train``, ``num_test``, ``image_size``,
+    ``seed``, ...; empty: its defaults); override one with ``data.digits.num_train=100``.
+    Images are resized so that the shorter side is ``scale`` and the longer at most
+    ``max_size``.
+    """
+
+    kind: Literal["voc", "coco", "digits"] = "digits"
+    root: str = "data/digits"
+    train_years: list[int] = field(default_factory=lambda: [2007])
+    train_split: str = "trainval"
+    test_year: int = 2007
+    test_split: str = "test"
+    train_ann: str | None = None
+    test_ann: str | None = None
+    use_difficult: bool = False
+    scale: int = 600
+    max_size: int = 1000
+    flip: bool = True
+    num_workers: int = 0
+    digits: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ProposalConfig:
+    """Object proposals (see :mod:`mapdet.data.proposals`).
+
+    ``method: selective_search`` computes OpenCV Selective Search (``mode`` fast | quality,
+    optionally on a copy resized to a shorter side of ``resize_to`` px) in ``num_workers``
+    processes and caches them in ``cache_dir``; ``method: file`` reads ``file`` (training)
+    and ``test_file`` (evaluation): a ``.mat`` (original Fast R-CNN format), ``.npz`` or
+    ``.json`` file. ``max_proposals``: at most this many per image (0: all).
+    """
+
+    method: Literal["selective_search", "file"] = "selective_search"
+    file: str | None = None
+    test_file: str | None = None
+    cache_dir: str = "cache/proposals"
+    mode: Literal["fast", "quality"] = "fast"
+    resize_to: int | None = None
+    max_proposals: int = 2000
+    min_size: float = 4.0
+    num_workers: int = 2
+
+
+@dataclass
+class ModelConfig:
+    """The Fast R-CNN network (see :class:`mapdet.models.FastRCNN`).
+
+    ``backbone``: ``vgg16`` | ``resnet50_c4`` | ``small``. ``fc_dim``: width of the fully
+    connected head (null: the backbone's default, 4096 for VGG16, 256 for ``small``).
+    ``freeze_at``: leading backbone stages kept frozen (null: 2 when pretrained, else 0).
+    """
+
+    backbone: str = "vgg16"
+    roi_op: Literal["pool", "align"] = "pool"
+    pretrained: bool = True
+    fc_dim: int | None = None
+    dropout: float = 0.5
+    freeze_at: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation: which loss, how long, minibatches, SGD, checkpoints, seeding.
+
+    ``loss: softmax`` is Fast R-CNN's multi-task loss on ``rois_per_image`` sampled RoIs per
+    image (``fg_fraction`` of them foreground at IoU >= ``fg_iou``, background at IoU in
+    ``[bg_iou_low, bg_iou_high)``); ``loss: map`` sends all proposals through the head and
+    trains with :class:`mapdet.MAPLoss` (options in :class:`LossConfig`). ``init_from`` loads
+    model weights (only) from a checkpoint, e.g. a softmax run for the map fine-tuning.
+    The learning rate is multiplied by ``lr_gamma`` at every iteration in ``lr_steps``.
+    ``clip_grad_norm`` > 0 clips the gradient's global norm (the mAP loss's pseudo-gradients
+    can be spiky). ``threads`` > 0 sets torch's intra-op CPU threads.
+    """
+
+    loss: Literal["softmax", "map"] = "softmax"
+    iterations: int = 40000
+    images_per_batch: int = 2
+    rois_per_image: int = 64
+    fg_fraction: float = 0.25
+    fg_iou: float = 0.5
+    bg_iou_low: float = 0.1
+    bg_iou_high: float = 0.5
+    add_gt: bool = True
+    lr: float = 0.001
+    bias_lr_factor: float = 2.0
+    momentum: float = 0.9
+    weight_decay: float = 0.0005
+    lr_steps: list[int] = field(default_factory=lambda: [30000])
+    lr_gamma: float = 0.1
+    warmup_iterations: int = 0
+    clip_grad_norm: float = 0.0
+    init_from: str | None = None
+    checkpoint_every: int = 10000
+    keep_checkpoints: int = 0
+    log_every: int = 20
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"
+    threads: int = 0
+
+
+@dataclass
+class LossConfig:
+    """Options of the mAP loss (``train.loss: map``), see :class:`mapdet.MAPLoss`.
+
+    ``max_proposals`` caps the proposals per image sent through the head (0: all).
+    ``box_loss_weight`` weighs the smooth-L1 box loss on up to ``fg_fraction *
+    rois_per_image`` sampled foreground proposals per image, ``map_loss_weight`` the mAP
+    term. ``memory``: detections of that many past minibatches (scores detached) join the AP
+    context. ``num_threads``: threads for the per-class AP computation (0: all cores).
+    """
+
+    score_threshold: float = 0.05
+    nms_iou: float = 0.3
+    match_iou: float = 0.5
+    ap_method: Literal["area", "voc07", "r101"] = "area"
+    min_step: float = 0.001
+    form: Literal["one_minus", "neg_log"] = "one_minus"
+    map_loss_weight: float = 1.0
+    box_loss_weight: float = 1.0
+    max_proposals: int = 0
+    memory: int = 0
+    num_threads: int = 0
+
+
+@dataclass
+class EvalConfig:
+    """Test-time post-processing and scoring.
+
+    Per class: score threshold, NMS; at most ``max_per_image`` detections per image (0: no
+    cap). ``metrics``: VOC AP definitions to report (the first is the primary one in
+    ``metrics.json``). ``convention``: ``devkit`` (1-based pixels, +1 widths, comparable
+    with published numbers) or ``continuous``. ``max_images`` > 0 evaluates only the first
+    images. ``coco_metrics``: also run pycocotools (always for ``data.kind: coco``).
+    ``num_vis`` images go into ``detections.png``, boxes above ``vis_threshold``.
+    """
+
+    score_threshold: float = 0.05
+    nms_iou: float = 0.3
+    max_per_image: int = 100
+    metrics: list[str] = field(default_factory=lambda: ["voc07", "area"])
+    convention: Literal["devkit", "continuous"] = "devkit"
+    match_iou: float = 0.5
+    max_images: int = 0
+    export_devkit: bool = True
+    export_coco: bool = True
+    coco_metrics: bool = False
+    plots: bool = True
+    num_vis: int = 4
+    vis_threshold: float = 0.5
+
+
+@dataclass
+class OutputConfig:
+    """Where runs are written: ``<dir>/<name>`` (``name`` empty: a timestamp)."""
+
+    dir: str = "runs"
+    name: str = ""
+    tensorboard: bool = True
+
+
+_SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "proposals": ProposalConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "loss": LossConfig,
+    "eval": EvalConfig,
+    "output": OutputConfig,
+}
+
+
+@dataclass
+class Config:
+    """The whole configuration of a run. Build it with :func:`load_config`."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    proposals: ProposalConfig = field(default_factory=ProposalConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain nested dict (YAML/JSON serialisable)."""
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        """The resolved configuration as YAML text."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the resolved configuration as YAML to ``path``; returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_yaml())
+        return path
+
+    def copy(self) -> Config:
+        """An independent deep copy."""
+        return config_from_dict(self.to_dict())
+
+    def validate(self) -> Config:
+        """Check cross-field constraints; raises :class:`ConfigError`. Returns ``self``."""
+        t, d, lo = self.train, self.data, self.loss
+        _positive("train.iterations", t.iterations, allow_zero=True)
+        _positive("train.images_per_batch", t.images_per_batch)
+        _positive("train.rois_per_image", t.rois_per_image)
+        _positive("train.lr", t.lr, allow_zero=True)
+        _positive("train.checkpoint_every", t.checkpoint_every, allow_zero=True)
+        _positive("train.log_every", t.log_every)
+        _positive("data.scale", d.scale)
+        _positive("data.max_size", d.max_size)
+        _positive("loss.min_step", lo.min_step)
+        for key, val in (("train.fg_fraction", t.fg_fraction), ("loss.nms_iou", lo.nms_iou),
+                         ("loss.match_iou", lo.match_iou), ("eval.nms_iou", self.eval.nms_iou),
+                         ("model.dropout", self.model.dropout)):
+            if not 0.0 <= val <= 1.0:
+                raise ConfigError(f"{key}: must be in [0, 1], got {val}")
+        if not t.bg_iou_low <= t.bg_iou_high <= t.fg_iou:
+            raise ConfigError(
+                "train.bg_iou_low <= train.bg_iou_high <= train.fg_iou must hold, got "
+                f"{t.bg_iou_low}, {t.bg_iou_high}, {t.fg_iou}")
+        if sorted(t.lr_steps) != list(t.lr_steps):
+            raise ConfigError(f"train.lr_steps: must be increasing, got {t.lr_steps}")
+        if self.proposals.method == "file" and not (self.proposals.file
+                                                    or self.proposals.test_file):
+            raise ConfigError("proposals.file: required when proposals.method is 'file'")
+        if d.kind == "coco" and not (d.train_ann or d.test_ann):
+            raise ConfigError("data.train_ann / data.test_ann: required when data.kind is 'coco'")
+        bad = [m for m in self.eval.metrics if m not in ("voc07", "area")]
+        if bad or not self.eval.metrics:
+            raise ConfigError(f"eval.metrics: unknown {bad or 'empty list'}; valid: voc07, area")
+        return self
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+# --------------------------------------------------------------------------------------------
+# Building from dicts, YAML and overrides
+# --------------------------------------------------------------------------------------------
+
+
+def _unknown_key(key: str, valid: Sequence[str], prefix: str = "") -> ConfigError:
+    """The error for an unknown key, with the closest valid key (difflib) and all valid keys."""
+    what = "section" if not prefix else "key"
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    hint = f" Did you mean {prefix + close[0]!r}?" if close else ""
+    return ConfigError(
+        f"unknown {what} {prefix + key!r}.{hint} Valid {what}s"
+        f"{' of ' + prefix.rstrip('.') if prefix else ''}: {', '.join(valid)}")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is dict or tp is dict:
+        return "mapping"
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return f"list of {_type_name(inner)}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert harmless cases.
+
+    Accepted conversions: int -> float; strings that parse as floats (``"1e-3"``, which
+    YAML 1.1 reads as a string) -> float; a scalar -> one-element list. Everything else
+    that does not match raises :class:`ConfigError` naming ``key``.
+    """
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(
+                f"{key}: must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key}: must not be null (expected {_type_name(tp)})")
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, value, a)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0] if len(errors) == 1 else ConfigError(
+            f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): v for k, v in value.items()}
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): v for k, v in value.items()}
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            value = [value]
+        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. a split named 2007 or a device "0"
+    else:  # pragma: no cover - no other field types are used
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _section_from_dict(name: str, cls: type, values: Mapping[str, Any]) -> Any:
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{name}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise _unknown_key(str(key), names, f"{name}.")
+        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def config_from_dict(d: Mapping[str, Any] | None) -> Config:
+    """Build a :class:`Config` from a nested dict; missing keys take their defaults."""
+    d = {} if d is None else d
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(d).__name__}")
+    sections = {}
+    for name, values in d.items():
+        if name not in _SECTIONS:
+            raise _unknown_key(str(name), list(_SECTIONS))
+        sections[name] = _section_from_dict(name, _SECTIONS[name], values or {})
+    return Config(**sections)
+
+
+def parse_override(text: str) -> tuple[str, str, str | None, Any]:
+    """Split ``section.key[.entry]=value`` into ``(section, key, entry, value)``.
+
+    The value is parsed as a YAML scalar (or flow list/mapping); ``entry`` addresses one
+    entry of a mapping-valued key such as ``data.digits.num_train=100`` (else ``None``).
+    """
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    dotted, raw = text.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise ConfigError(f"override {text!r}: the key must be section.key, e.g. train.lr=0.001")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    return parts[0], parts[1], (parts[2] if len(parts) == 3 else None), value
+
+
+def apply_overrides(cfg: Config | Mapping[str, Any], overrides: Sequence[str]) -> Config:
+    """Return a new :class:`Config` with ``section.key=value`` overrides applied."""
+    if isinstance(cfg, Config):
+        d = cfg.to_dict()
+    else:
+        d = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in cfg.items()}
+    for text in overrides:
+        section, key, entry, value = parse_override(text)
+        if section not in _SECTIONS:
+            raise _unknown_key(section, list(_SECTIONS))
+        values = d.setdefault(section, {})
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: expected a mapping of keys, got {values!r}")
+        if entry is None:
+            values[key] = value
+            continue
+        hints = typing.get_type_hints(_SECTIONS[section])
+        if key not in hints:
+            raise _unknown_key(key, list(hints), f"{section}.")
+        if typing.get_origin(hints[key]) is not dict:
+            raise ConfigError(f"override {text!r}: {section}.{key} is not a mapping; "
+                              f"use {section}.{key}=value")
+        values[key] = {**dict(values.get(key) or {}), entry: value}
+    return config_from_dict(d)
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config (``None``: all defaults), apply overrides, validate.
+
+    Raises :class:`ConfigError` naming the file or key on a missing file, bad YAML, an unknown
+    key or a wrongly typed value.
+    """
+    d: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, Mapping):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        d = dict(loaded or {})
+    try:
+        cfg = apply_overrides(d, overrides)
+        return cfg.validate()
+    except ConfigError as exc:
+        if path is not None:
+            raise ConfigError(f"{path}: {exc}") from None
+        raise

@@ -1,0 +1,457 @@
+"""Evaluation runs: a model over a data set, scored with the VOC evaluator; result files.
+
+- :func:`run_inference`: the model over a data set with the test-time post-processing
+  (per class: score threshold 0.05, NMS 0.3; at most 100 detections per image), detections in
+  the original images' pixels; also the images per second.
+- :func:`evaluate_model`: the above, scored with :func:`mapdet.evaluation.voc.evaluate_voc`
+  for each metric of ``eval.metrics`` (``voc07``, ``area``), written to an output folder:
+  ``metrics.json``, devkit result files (``results/comp4_det_<split>_<class>.txt``), COCO
+  results JSON, PR curves and a picture of detections.
+- :func:`evaluate_checkpoint`: the same for a checkpoint file (``mapdet eval``).
+- :func:`score_result_files`: devkit result files scored against VOC annotations, no images.
+- :func:`detect_images`: a checkpoint on arbitrary image files (``mapdet detect``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from mapdet.config import Config, ConfigError, apply_overrides, config_from_dict, load_config
+from mapdet.engine import checkpoint as ckpt
+from mapdet.engine.builders import (
+    build_dataset,
+    build_model,
+    build_proposals,
+    resolve_device,
+    set_threads,
+    split_name,
+)
+from mapdet.engine.data_loading import Batch, make_eval_loader
+
+__all__ = [
+    "EvalReport",
+    "detect_images",
+    "evaluate_checkpoint",
+    "evaluate_model",
+    "model_from_checkpoint",
+    "run_inference",
+    "score_result_files",
+]
+
+log = logging.getLogger(__name__)
+
+Detections = dict[str, dict[str, np.ndarray]]
+
+
+# --------------------------------------------------------------------------------------------
+# Inference
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def detect_batch(model: torch.nn.Module, batch: Batch, cfg: Config) -> list[dict[str, np.ndarray]]:
+    """Detections of each image of ``batch``, in original-image pixels (numpy arrays).
+
+    Returns one ``{"boxes" (D, 4) float32 xyxy, "scores" (D,) float32, "labels" (D,) int64}``
+    per image (test-time rule of :func:`mapdet.models.postprocess.detect`).
+    """
+    from mapdet.models.postprocess import detect
+
+    e = cfg.eval
+    device = batch.images.device
+    rois = [s.proposals.to(device) for s in batch.samples]
+    logits, deltas = model(batch.images, rois)
+    probs = F.softmax(logits, dim=1)
+    out, start = [], 0
+    for s, r in zip(batch.samples, rois, strict=True):
+        n = r.shape[0]
+        det = detect(probs[start:start + n], deltas[start:start + n], r, s.size,
+                     score_threshold=e.score_threshold, nms_iou=e.nms_iou,
+                     max_per_image=e.max_per_image or None)
+        start += n
+        boxes = det["boxes"].float().cpu().numpy() / np.float32(s.scale)
+        h0, w0 = s.orig_size
+        boxes[:, 0::2] = boxes[:, 0::2].clip(0, w0)
+        boxes[:, 1::2] = boxes[:, 1::2].clip(0, h0)
+        out.append({"boxes": boxes.astype(np.float32),
+                    "scores": det["scores"].float().cpu().numpy(),
+                    "labels": det["labels"].cpu().numpy().astype(np.int64)})
+    return out
+
+
+def run_inference(
+    model: torch.nn.Module,
+    dataset,
+    proposals: dict[str, np.ndarray],
+    cfg: Config,
+    *,
+    device: torch.device | None = None,
+    indices: Sequence[int] | None = None,
+    progress: bool = True,
+) -> tuple[Detections, float]:
+    """Detections of every image (or of ``indices``) and the images per second.
+
+    Returns ``(detections, images_per_sec)``; detections: image id -> arrays as in
+    :func:`detect_batch`. The model is put in eval mode (and back in its previous mode).
+    """
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    dets: Detections = {}
+    n = len(dataset) if indices is None else len(indices)
+    t0 = time.perf_counter()
+    try:
+        loader = make_eval_loader(dataset, proposals, cfg, indices, device)
+        for batch in tqdm(loader, total=n, disable=not progress, desc="eval", leave=False,
+                          dynamic_ncols=True):
+            for s, d in zip(batch.samples, detect_batch(model, batch, cfg), strict=True):
+                dets[s.image_id] = d
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - t0
+    return dets, (n / seconds if seconds > 0 else math.nan)
+
+
+# --------------------------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalReport:
+    """Scores of one evaluation: one :class:`~mapdet.evaluation.voc.EvalResult` per metric."""
+
+    results: dict[str, Any]
+    class_names: tuple[str, ...]
+    num_images: int = 0
+    images_per_sec: float = math.nan
+    out_dir: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def metric(self) -> str:
+        """The primary metric (the first evaluated)."""
+        return next(iter(self.results))
+
+    @property
+    def mAP(self) -> float:  # noqa: N802 - the field name used everywhere
+        return float(self.results[self.metric].mAP)
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"mAP", "metric", "per_class", "mAP_<metric>"..., "metrics", "num_images",
+        "images_per_sec", ...}``; undefined APs are ``null``."""
+        primary = self.results[self.metric].to_json()
+        out: dict[str, Any] = {"mAP": primary["mAP"], "metric": self.metric,
+                               "per_class": primary["per_class"]}
+        for name, r in self.results.items():
+            out[f"mAP_{name}"] = r.to_json()["mAP"]
+        out["metrics"] = {name: r.to_json() for name, r in self.results.items()}
+        out["num_images"] = self.num_images
+        out["images_per_sec"] = None if math.isnan(self.images_per_sec) else self.images_per_sec
+        out.update(self.extra)
+        return out
+
+    def write_json(self, path: str | Path) -> Path:
+        """Write :meth:`to_json` atomically to ``path``."""
+        from mapdet.evaluation.export import atomic_write_text
+
+        return atomic_write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
+
+    def table(self) -> str:
+        """A per-class table of every metric (APs in percent), then the mean and the speed."""
+        from mapdet.evaluation.table import format_per_class
+
+        text = format_per_class(self.results, class_names=self.class_names)
+        if not math.isnan(self.images_per_sec):
+            text += f"\n{self.num_images} images, {self.images_per_sec:.1f} images/s"
+        return text
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation of a model / a checkpoint
+# --------------------------------------------------------------------------------------------
+
+
+def score_detections(dataset, detections: Detections, cfg: Config) -> dict[str, Any]:
+    """``{metric: EvalResult}`` for each of ``eval.metrics`` (VOC devkit convention)."""
+    from mapdet.evaluation.voc import detections_by_class, evaluate_voc
+
+    records = [dataset.records[dataset.index_of(i)] for i in detections]
+    per_class = detections_by_class(detections, dataset.class_names)
+    return {m: evaluate_voc(records, per_class, class_names=dataset.class_names, metric=m,
+                            convention=cfg.eval.convention, match_iou=cfg.eval.match_iou)
+            for m in cfg.eval.metrics}
+
+
+def _coco_metrics(dataset, detections: Detections, cfg: Config, out_dir: Path | None):
+    """COCO metrics (pycocotools) and/or the COCO results file, as configured."""
+    from mapdet.evaluation.coco import coco_image_id_map, evaluate_coco, records_to_coco_gt
+    from mapdet.evaluation.export import coco_results_list, write_coco_results
+
+    records = [dataset.records[dataset.index_of(i)] for i in detections]
+    id_map = coco_image_id_map(records)
+    cats = getattr(dataset, "label_to_category_id", None) or list(
+        range(1, dataset.num_classes + 1))
+    if out_dir is not None and cfg.eval.export_coco:
+        write_coco_results(out_dir / "coco_results.json", detections, id_map, cats)
+    if not (cfg.eval.coco_metrics or cfg.data.kind == "coco"):
+        return None
+    results = coco_results_list(detections, id_map, cats)
+    if not results:
+        log.warning("no detections: COCO metrics skipped")
+        return None
+    gt = records_to_coco_gt(records, dataset.class_names, category_ids=cats)
+    return evaluate_coco(gt, results)
+
+
+def write_outputs(report: EvalReport, dataset, detections: Detections, cfg: Config,
+                  out_dir: Path, split: str) -> None:
+    """metrics.json, devkit results, PR curves and a detections picture in ``out_dir``."""
+    from mapdet.evaluation.export import write_devkit_results
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.eval.export_devkit:
+        write_devkit_results(out_dir / "results", split, dataset.class_names, detections)
+    if cfg.eval.plots:
+        _plots(report, dataset, detections, cfg, out_dir)
+    report.write_json(out_dir / "metrics.json")
+
+
+def _plots(report: EvalReport, dataset, detections: Detections, cfg: Config,
+           out_dir: Path) -> None:
+    """PR curves (``pr_curves.png``) and sample detections (``detections.png``)."""
+    from mapdet.evaluation.plots import plot_pr_curves
+
+    res = report.results[report.metric]
+    plot_pr_curves(res.curves, out_dir / "pr_curves.png",
+                   title=f"Precision-recall ({report.metric} mAP {100 * res.mAP:.1f})",
+                   ap=res.per_class)
+    ids = list(detections)[: max(0, cfg.eval.num_vis)]
+    if ids:
+        draw_detection_grid(dataset, {i: detections[i] for i in ids}, out_dir / "detections.png",
+                            score_threshold=cfg.eval.vis_threshold)
+
+
+def draw_detection_grid(dataset, detections: Detections, path: Path, *,
+                        score_threshold: float = 0.5, min_side: int = 320,
+                        columns: int = 2) -> Path:
+    """Draw the detections (and dashed ground truth) of a few images of ``dataset`` and tile
+    them into one PNG; small images are upscaled to ``min_side`` pixels for legibility."""
+    import tempfile
+
+    import cv2
+    from PIL import Image
+
+    from mapdet.evaluation.plots import draw_detections
+
+    tiles = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, (image_id, det) in enumerate(detections.items()):
+            i = dataset.index_of(image_id)
+            image = dataset.load_image(i)
+            f = max(1.0, min_side / min(image.shape[:2]))
+            if f > 1.0:
+                image = cv2.resize(image, None, fx=f, fy=f, interpolation=cv2.INTER_LINEAR)
+            rec = dataset.records[i]
+            gt = {"boxes": rec.boxes * f, "labels": rec.labels}
+            scaled = {"boxes": det["boxes"] * f, "scores": det["scores"], "labels": det["labels"]}
+            p = draw_detections(image, scaled, dataset.class_names, Path(tmp) / f"{k}.png", gt=gt,
+                                score_threshold=score_threshold)
+            with Image.open(p) as im:
+                tiles.append(im.convert("RGB"))
+    if not tiles:
+        raise ValueError("draw_detection_grid: no images")
+    cols = min(columns, len(tiles))
+    rows = -(-len(tiles) // cols)
+    tw = max(t.width for t in tiles)
+    th = max(t.height for t in tiles)
+    grid = Image.new("RGB", (cols * tw, rows * th), "white")
+    for k, t in enumerate(tiles):
+        grid.paste(t, ((k % cols) * tw, (k // cols) * th))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    cfg: Config,
+    *,
+    split: str = "test",
+    dataset=None,
+    proposals: dict[str, np.ndarray] | None = None,
+    out: str | Path | None = None,
+    progress: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> EvalReport:
+    """Run ``model`` over ``split`` (``eval.max_images`` > 0: the first that many images),
+    score it, and write the outputs to ``out`` when given."""
+    dataset = dataset if dataset is not None else build_dataset(cfg, split)
+    proposals = proposals if proposals is not None else build_proposals(
+        cfg, dataset, split, progress=progress)
+    n = len(dataset) if cfg.eval.max_images <= 0 else min(cfg.eval.max_images, len(dataset))
+    detections, ips = run_inference(model, dataset, proposals, cfg, indices=range(n),
+                                    progress=progress)
+    report = EvalReport(score_detections(dataset, detections, cfg), dataset.class_names,
+                        num_images=n, images_per_sec=ips, extra=dict(extra or {}))
+    report.extra["split"] = split_name(cfg, split)
+    out_dir = Path(out) if out is not None else None
+    coco = _coco_metrics(dataset, detections, cfg, out_dir)
+    if coco is not None:
+        report.extra["coco"] = {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                                for k, v in coco.items()}
+    if out_dir is not None:
+        report.out_dir = out_dir
+        write_outputs(report, dataset, detections, cfg, out_dir, split_name(cfg, split))
+    log.info("%s mAP %.4f on %d images (%.1f images/s)", report.metric, report.mAP, n, ips)
+    return report
+
+
+def model_from_checkpoint(path: str | Path, cfg: Config | None = None,
+                          device: torch.device | None = None):
+    """``(model, cfg, state)`` from a checkpoint file or run directory; ``cfg`` defaults to
+    the checkpoint's own configuration. The model is in eval mode on ``device``."""
+    state = ckpt.load_checkpoint(path)
+    cfg = cfg or config_from_dict(state["config"])
+    cfg.model.pretrained = False  # the checkpoint holds all the weights
+    num_classes = int(state.get("num_classes") or 0)
+    if num_classes <= 0:
+        raise ckpt.CheckpointError(f"{state['path']}: no num_classes entry")
+    model = build_model(cfg, num_classes)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise ckpt.CheckpointError(
+            f"{state['path']} does not fit model {cfg.model.backbone!r} with {num_classes} "
+            f"classes: {str(exc).splitlines()[0]}") from exc
+    device = device or resolve_device(cfg.train.device)
+    return model.to(device).eval(), cfg, state
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    *,
+    config: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    split: str | None = None,
+    out: str | Path | None = None,
+    progress: bool = True,
+) -> EvalReport:
+    """Evaluate a checkpoint (``mapdet eval CONFIG --checkpoint CKPT``).
+
+    The configuration is ``config`` (a YAML file) if given, else the checkpoint's own, with
+    ``overrides`` applied. Outputs go to ``out`` (default ``<run dir>/eval``).
+    """
+    state = ckpt.load_checkpoint(checkpoint)
+    if config is not None:
+        cfg = load_config(config, overrides)
+    else:
+        cfg = apply_overrides(config_from_dict(state["config"]), overrides).validate()
+    set_threads(cfg.train.threads)
+    model, cfg, state = model_from_checkpoint(state["path"], cfg)
+    names = tuple(state.get("class_names") or ())
+    split = split or "test"
+    dataset = build_dataset(cfg, split)
+    if names and tuple(dataset.class_names) != names:
+        raise ConfigError(f"the checkpoint was trained on classes {list(names)}, the data set "
+                          f"has {list(dataset.class_names)}")
+    if out is None:
+        p = Path(state["path"]).resolve().parent
+        out = (p.parent if p.name == "checkpoints" else p) / "eval"
+    return evaluate_model(model, cfg, split=split, dataset=dataset, out=out, progress=progress,
+                          extra={"checkpoint": state["path"],
+                                 "iteration": int(state.get("iteration", 0))})
+
+
+# --------------------------------------------------------------------------------------------
+# Result files, and detection on image files
+# --------------------------------------------------------------------------------------------
+
+
+def score_result_files(voc_root: str | Path, results_dir: str | Path, *, year: str = "2007",
+                       split: str = "test", metric: str | None = None, devkit: bool = True,
+                       out: str | Path | None = None) -> EvalReport:
+    """Score devkit result files against a VOC-layout data set (``mapdet eval --voc``).
+
+    ``metric`` defaults to ``voc07`` for VOC 2007 and ``area`` otherwise. The class names are
+    VOC's 20, or the digits benchmark's when ``voc_root`` holds one. ``out``: the
+    ``metrics.json`` path (``{"mAP", "per_class", "metric", ...}``).
+    """
+    from mapdet.data.voc import VOCDataset
+    from mapdet.evaluation.voc import evaluate_voc_results_dir
+
+    metric = metric or ("voc07" if str(year) == "2007" else "area")
+    class_names = None
+    if (Path(voc_root) / "mapdet_digits.json").is_file():
+        from mapdet.data.digits import DIGIT_CLASSES
+
+        class_names = DIGIT_CLASSES
+    kwargs = {"class_names": class_names} if class_names else {}
+    dataset = VOCDataset(voc_root, year=year, split=split, use_difficult=True, **kwargs)
+    result = evaluate_voc_results_dir(dataset, split, results_dir, metric,
+                                      convention="devkit" if devkit else "continuous",
+                                      year=year)
+    report = EvalReport({metric: result}, dataset.class_names, num_images=len(dataset))
+    if out is not None:
+        out = Path(out)
+        if out.suffix != ".json":
+            out = out / "metrics.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        result.write_json(out)
+        report.out_dir = out.parent
+    return report
+
+
+def detect_images(images: Sequence[str | Path], checkpoint: str | Path, *,
+                  out: str | Path = "detections", draw_threshold: float = 0.5) -> list[Path]:
+    """Detect objects in image files with a checkpoint; draw them to ``<out>/<stem>.png``
+    and list them in ``<out>/detections.json``. Returns the files written."""
+    from mapdet.data.base import DetectionDataset, ImageRecord, image_size
+    from mapdet.data.proposals import load_or_compute_proposals
+
+    model, cfg, state = model_from_checkpoint(checkpoint)
+    names = tuple(state.get("class_names") or [f"class{i}" for i in range(model.num_classes)])
+    records = []
+    for i, p in enumerate(images):
+        w, h = image_size(p)
+        records.append(ImageRecord(image_id=f"{i:05d}_{Path(p).stem}", path=Path(p), width=w,
+                                   height=h, boxes=np.zeros((0, 4)), labels=np.zeros(0),
+                                   difficult=np.zeros(0)))
+    dataset = DetectionDataset(names, records, name="images")
+    p = cfg.proposals
+    proposals = load_or_compute_proposals(
+        dataset, method=p.method, cache_dir=None, num_workers=0,
+        max_proposals=p.max_proposals or None, min_size=p.min_size, mode=p.mode,
+        resize_to=p.resize_to, progress=False)
+    detections, _ = run_inference(model, dataset, proposals, cfg, progress=False)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    listing = {}
+    for rec in dataset.records:
+        det = detections[rec.image_id]
+        keep = det["scores"] >= draw_threshold
+        path = draw_detection_grid(dataset, {rec.image_id: det},
+                                   out / f"{Path(rec.path).stem}.png",
+                                   score_threshold=draw_threshold, min_side=0)
+        written.append(path)
+        listing[str(rec.path)] = [
+            {"class": names[int(lab)], "score": float(s), "box": [float(v) for v in b]}
+            for b, s, lab in zip(det["boxes"][keep], det["scores"][keep], det["labels"][keep],
+                                 strict=True)]
+    js = out / "detections.json"
+    js.write_text(json.dumps(listing, indent=2) + "\n")
+    written.append(js)
+    return written

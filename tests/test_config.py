@@ -1,0 +1,110 @@
+"""The typed configuration: YAML loading, overrides, unknown keys, type errors, round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mapdet.config import Config, ConfigError, apply_overrides, config_from_dict, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_defaults_validate():
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    assert cfg.train.images_per_batch == 2
+    assert cfg.train.rois_per_image == 64
+    assert cfg.loss.score_threshold == 0.05
+    assert cfg.loss.nms_iou == 0.3
+    assert cfg.eval.max_per_image == 100
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_shipped_configs_load(name):
+    cfg = load_config(CONFIGS / name)
+    assert cfg.train.loss in ("softmax", "map")
+
+
+def test_paper_settings():
+    s = load_config(CONFIGS / "voc07_vgg16_softmax.yaml")
+    assert (s.model.backbone, s.data.scale, s.data.max_size) == ("vgg16", 600, 1000)
+    assert (s.train.lr, s.train.iterations, s.train.lr_steps) == (0.001, 40000, [30000])
+    assert s.train.images_per_batch * s.train.rois_per_image == 128
+    m = load_config(CONFIGS / "voc07_vgg16_map.yaml")
+    assert m.train.loss == "map" and m.train.init_from
+    assert m.train.lr < s.train.lr
+    assert m.loss.max_proposals == 0  # all proposals
+
+
+def test_overrides_are_yaml_scalars(tmp_path):
+    cfg = load_config(CONFIGS / "digits.yaml", [
+        "train.lr=1e-3",  # YAML 1.1 reads this as a string; the float field converts it
+        "train.lr_steps=[10, 20]",
+        "model.pretrained=false",
+        "model.backbone=vgg16",
+        "train.init_from=null",
+        "data.digits.num_train=7",
+        "train.iterations=12",
+    ])
+    assert cfg.train.lr == pytest.approx(0.001)
+    assert cfg.train.lr_steps == [10, 20]
+    assert cfg.model.pretrained is False
+    assert cfg.model.backbone == "vgg16"
+    assert cfg.train.init_from is None
+    assert cfg.data.digits["num_train"] == 7
+    assert cfg.data.digits["num_test"] == 200  # the other entries of the mapping stay
+    assert cfg.train.iterations == 12
+
+
+def test_unknown_key_lists_valid_ones_and_suggests(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.lrr=0.1"])
+    msg = str(e.value)
+    assert "'train.lrr'" in msg and "Did you mean 'train.lr'" in msg
+    assert "momentum" in msg and "iterations" in msg  # the valid keys are listed
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("trian:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert str(path) in msg and "Did you mean 'train'" in msg and "proposals" in msg
+
+
+def test_type_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.iterations: expected int"):
+        load_config(None, ["train.iterations=ten"])
+    with pytest.raises(ConfigError, match=r"train\.loss: must be one of 'softmax', 'map'"):
+        load_config(None, ["train.loss=focal"])
+    with pytest.raises(ConfigError, match=r"model\.pretrained: expected bool"):
+        load_config(None, ["model.pretrained=maybe"])
+    with pytest.raises(ConfigError, match=r"train\.lr_steps\[1\]: expected int"):
+        load_config(None, ["train.lr_steps=[1, x]"])
+    with pytest.raises(ConfigError, match=r"train\.lr_steps: must be increasing"):
+        load_config(None, ["train.lr_steps=[20, 10]"])
+    with pytest.raises(ConfigError, match=r"expected section\.key=value"):
+        load_config(None, ["train.lr"])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config(bad)
+
+
+def test_round_trip(tmp_path):
+    cfg = load_config(CONFIGS / "digits.yaml", ["train.lr=0.02", "data.digits.seed=5"])
+    path = cfg.save(tmp_path / "config.yaml")
+    again = load_config(path)
+    assert again == cfg
+    assert config_from_dict(cfg.to_dict()) == cfg
+    assert apply_overrides(cfg, ["train.seed=3"]).train.seed == 3
+    assert cfg.train.seed == 0  # overrides return a new config
