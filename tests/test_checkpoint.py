@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mapdet import io as atomic_io
 from mapdet.config import load_config
 from mapdet.engine import checkpoint as ckpt
 from mapdet.engine.schedule import DataOrder
@@ -54,7 +55,7 @@ def test_crash_during_write_keeps_previous(tmp_path, monkeypatch, fail_at):
 
         monkeypatch.setattr(torch, "save", partial_save)
     else:
-        monkeypatch.setattr(ckpt.os, fail_at, boom)
+        monkeypatch.setattr(atomic_io.os, fail_at, boom)
     with pytest.raises(OSError, match="simulated crash"):
         ckpt.save_checkpoint(path, _state(2.0))
     monkeypatch.undo()

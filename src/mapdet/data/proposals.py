@@ -42,20 +42,19 @@ import hashlib
 import json
 import logging
 import multiprocessing
-import os
 import shutil
-import tempfile
 import time
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from mapdet.core.boxes import box_iou, check_finite
+from mapdet.io import atomic_file
 
 __all__ = [
     "DEFAULT_MIN_SIZE",
@@ -531,38 +530,6 @@ def _check_npz_version(path: Path, z: Any) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _atomic_file(path: Path) -> Iterator[IO[bytes]]:
-    """Write ``path`` atomically: a temporary file beside it, flush + fsync, ``os.replace``.
-
-    A reader sees either the old file or the complete new one, never a partial file. On an
-    exception the temporary file is removed; a killed process may leave a ``.*.tmp`` file.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (best effort; not possible on every OS)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _write_npz(path: Path, arrays: Iterable[tuple[str, np.ndarray]]) -> None:
     """Write ``(name, array)`` pairs as an uncompressed ``.npz``, atomically, one at a time.
 
@@ -570,7 +537,7 @@ def _write_npz(path: Path, arrays: Iterable[tuple[str, np.ndarray]]) -> None:
     never holds more than one array's bytes.
     """
     with (
-        _atomic_file(path) as f,
+        atomic_file(path) as f,
         zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED) as zf,
     ):
         for name, arr in arrays:
@@ -1000,7 +967,7 @@ def _write_parts_meta(parts: Path, ids: Sequence[str], method: str, params: Mapp
     """A human-readable ``meta.json`` in the parts directory (not read back)."""
     path = parts / "meta.json"
     if not path.exists():
-        with _atomic_file(path) as f:
+        with atomic_file(path) as f:
             f.write(json.dumps(_cache_meta(ids, method, params), indent=1).encode())
 
 

@@ -18,17 +18,16 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mapdet.io import atomic_write_bytes
+
 __all__ = [
     "CheckpointError",
-    "atomic_write_bytes",
     "checkpoint_path",
     "find_last_checkpoint",
     "list_checkpoints",
@@ -46,34 +45,6 @@ LAST_FILE = "last_checkpoint"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or not a mapdet checkpoint (names the file)."""
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not possible on every platform / file system
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically: temp file in the same dir, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:

@@ -2,7 +2,7 @@
 
 Rendering uses matplotlib's Agg canvas directly (``matplotlib.figure.Figure`` +
 ``FigureCanvasAgg``): no display, no pyplot global state, safe in worker threads. Every PNG is
-written atomically (:func:`mapdet.evaluation.export.atomic_write_bytes`).
+written atomically (:func:`mapdet.io.atomic_write_bytes`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mapdet.evaluation.export import atomic_write_bytes
+from mapdet.io import atomic_write_bytes
 
 __all__ = ["class_colors", "draw_detections", "plot_pr_curves"]
 
