@@ -142,7 +142,9 @@ def normalize(
 ) -> torch.Tensor:
     """``(H, W, 3)`` uint8 RGB -> ``(3, H, W)`` float32 tensor ``(image / 255 - mean) / std``."""
     _check_image(image)
-    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    # np.require copies only when needed: torch.from_numpy wants a writable, contiguous array.
+    t = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)
+    t = t.float().div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return (t - m) / s
