@@ -27,6 +27,7 @@ import torch
 from mapdet.io import atomic_write_bytes
 
 __all__ = [
+    "load_model_state",
     "CheckpointError",
     "checkpoint_path",
     "find_last_checkpoint",
@@ -45,6 +46,18 @@ LAST_FILE = "last_checkpoint"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or not a mapdet checkpoint (names the file)."""
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, Any], what: str = "this model"
+                     ) -> None:
+    """Load a checkpoint's ``state["model"]`` into ``model``; a mismatch (another backbone or
+    number of classes) raises :class:`CheckpointError` naming the file and ``what``."""
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"checkpoint {state.get('path', '?')} does not fit {what}: "
+            f"{str(exc).splitlines()[0]}") from exc
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:

@@ -330,12 +330,8 @@ def model_from_checkpoint(path: str | Path, cfg: Config | None = None,
     if num_classes <= 0:
         raise ckpt.CheckpointError(f"{state['path']}: no num_classes entry")
     model = build_model(cfg, num_classes)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise ckpt.CheckpointError(
-            f"{state['path']} does not fit model {cfg.model.backbone!r} with {num_classes} "
-            f"classes: {str(exc).splitlines()[0]}") from exc
+    ckpt.load_model_state(model, state,
+                          f"model {cfg.model.backbone!r} with {num_classes} classes")
     device = device or resolve_device(cfg.train.device)
     return model.to(device).eval(), cfg, state
 

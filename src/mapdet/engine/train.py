@@ -25,7 +25,6 @@ checkpoint is written for the diverged state, so the last good one stays the lat
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import logging
 import math
 import time
@@ -153,41 +152,35 @@ def _state(model, optimizer, scheduler, cfg: Config, iteration: int, order: Data
     return state
 
 
-def loss_state(criterion) -> list[dict[str, Any]] | None:
-    """The AP memory of a :class:`mapdet.MAPLoss` (``loss.memory`` > 0) as tensors, so that a
-    resumed run sees the same AP context; ``None`` when there is nothing to keep."""
-    memory = getattr(criterion, "_memory", None)  # MAPLoss exposes no state API yet
-    if not getattr(criterion, "memory", 0) or memory is None:
+def loss_state(criterion) -> dict[str, Any] | None:
+    """The extra state of a :class:`mapdet.MAPLoss` (its AP memory, ``loss.memory`` > 0) with
+    numpy arrays turned into tensors, so that checkpoints still load with
+    ``weights_only=True``; ``None`` when there is nothing to keep."""
+    if criterion is None or not getattr(criterion, "memory", 0):
         return None
-    out = []
-    for w in memory:
-        d = dataclasses.asdict(w)
-        out.append({k: (torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray)
-                        else v) for k, v in d.items()})
-    return out
+    return _tensorize(criterion.get_extra_state())
 
 
-def load_loss_state(criterion, state: list[dict[str, Any]] | None) -> None:
+def load_loss_state(criterion, state: dict[str, Any] | None) -> None:
     """Restore what :func:`loss_state` saved (no-op for ``None``)."""
-    if not state or criterion is None or getattr(criterion, "_memory", None) is None:
-        return
-    from mapdet.loss import Windows
+    if state is not None and criterion is not None:
+        criterion.set_extra_state(state)
 
-    criterion._memory.clear()
-    for d in state:
-        criterion._memory.append(Windows(**{k: (v.numpy() if torch.is_tensor(v) else v)
-                                            for k, v in d.items()}))
+
+def _tensorize(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, dict):
+        return {k: _tensorize(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_tensorize(v) for v in value]
+    return value
 
 
 def load_model_weights(model: torch.nn.Module, path: str | Path) -> dict[str, Any]:
     """Load only the model weights of checkpoint ``path`` into ``model`` (``init_from``)."""
     state = ckpt.load_checkpoint(path)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise ckpt.CheckpointError(
-            f"checkpoint {path} does not fit this model (different backbone or number of "
-            f"classes?): {str(exc).splitlines()[0]}") from exc
+    ckpt.load_model_state(model, state, "this model (different backbone or number of classes?)")
     return state
 
 
