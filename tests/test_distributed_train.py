@@ -65,3 +65,35 @@ def test_two_ranks_match_single_process(tmp_path, loss):
         assert torch.equal(ranks[0][name], ranks[1][name]), f"{name} differs between ranks"
         torch.testing.assert_close(ranks[0][name], value, rtol=0, atol=TOLERANCE,
                                    msg=f"{name}: DDP differs from the single process")
+
+
+def _eval_rank(rank: int, world: int, port: int, root: str, checkpoint: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from mapdet.engine.evaluate import evaluate_checkpoint
+
+    report = evaluate_checkpoint(checkpoint, out=Path(root) / "ddp_eval", progress=False)
+    torch.save(report.to_json(), Path(root) / f"eval_rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_sharded_evaluation_equals_single_process(tmp_path):
+    overrides = _overrides(tmp_path, "softmax", 2)
+    overrides[1] = "data.digits={num_train: 8, num_test: 6, image_size: 64, seed: 3}"
+    cfg = load_config(CONFIGS / "digits.yaml", overrides)
+    build_proposals(cfg, build_dataset(cfg, "test"), "test")
+    result = train(cfg, out=tmp_path / "run", progress=False)
+    from mapdet.engine.evaluate import evaluate_checkpoint
+
+    single = evaluate_checkpoint(result.checkpoint, out=tmp_path / "single_eval",
+                                 progress=False).to_json()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_eval_rank, args=(2, port, str(tmp_path), str(result.checkpoint)),
+                       nprocs=2, start_method="spawn")
+    for r in range(2):
+        got = torch.load(tmp_path / f"eval_rank{r}.pt", weights_only=False)
+        assert got["mAP"] == single["mAP"]
+        assert got["metrics"] == single["metrics"]
+    assert (tmp_path / "ddp_eval" / "metrics.json").is_file()

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from mapdet.engine.schedule import DataOrder
 
-__all__ = ["DistEnv", "RankOrder", "barrier", "init_distributed"]
+__all__ = ["DistEnv", "RankOrder", "barrier", "current_env", "gather_dicts", "init_distributed"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,26 @@ def init_distributed(device: torch.device) -> DistEnv:
         dist.init_process_group(backend)
         log.info("joined process group: rank %d of %d (%s)", rank, world, backend)
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank)
+
+
+def current_env() -> DistEnv:
+    """The :class:`DistEnv` of an already initialised process group (else not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return DistEnv()
+    return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                   local_rank=int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+
+
+def gather_dicts(part: dict, env: DistEnv) -> dict:
+    """Merge every rank's dict (``all_gather_object``); keys must be disjoint."""
+    if not env.distributed:
+        return part
+    parts: list[dict | None] = [None] * env.world_size
+    dist.all_gather_object(parts, part)
+    merged: dict = {}
+    for p in parts:
+        merged.update(p or {})
+    return merged
 
 
 def barrier(env: DistEnv) -> None:

@@ -39,6 +39,7 @@ from mapdet.engine.builders import (
     split_name,
 )
 from mapdet.engine.data_loading import Batch, make_eval_loader
+from mapdet.engine.distributed import current_env, gather_dicts, init_distributed
 
 __all__ = [
     "EvalReport",
@@ -302,17 +303,26 @@ def evaluate_model(
     proposals = proposals if proposals is not None else build_proposals(
         cfg, dataset, split, progress=progress)
     n = len(dataset) if cfg.eval.max_images <= 0 else min(cfg.eval.max_images, len(dataset))
-    detections, ips = run_inference(model, dataset, proposals, cfg, indices=range(n),
-                                    progress=progress)
+    # Under torchrun each rank runs its share of the images; the detections are gathered and
+    # every rank scores them (rank 0 alone writes the outputs).
+    env = current_env()
+    t0 = time.perf_counter()
+    shard, _ = run_inference(model, dataset, proposals, cfg,
+                             indices=range(env.rank, n, env.world_size),
+                             progress=progress and env.is_main)
+    gathered = gather_dicts(shard, env)
+    seconds = time.perf_counter() - t0
+    ips = n / seconds if seconds > 0 else math.nan
+    detections = {r.image_id: gathered[r.image_id] for r in dataset.records[:n]}
     report = EvalReport(score_detections(dataset, detections, cfg), dataset.class_names,
                         num_images=n, images_per_sec=ips, extra=dict(extra or {}))
     report.extra["split"] = split_name(cfg, split)
     out_dir = Path(out) if out is not None else None
-    coco = _coco_metrics(dataset, detections, cfg, out_dir)
+    coco = _coco_metrics(dataset, detections, cfg, out_dir if env.is_main else None)
     if coco is not None:
         report.extra["coco"] = {k: (None if isinstance(v, float) and math.isnan(v) else v)
                                 for k, v in coco.items()}
-    if out_dir is not None:
+    if out_dir is not None and env.is_main:
         report.out_dir = out_dir
         write_outputs(report, dataset, detections, cfg, out_dir, split_name(cfg, split))
     log.info("%s mAP %.4f on %d images (%.1f images/s)", report.metric, report.mAP, n, ips)
@@ -357,6 +367,10 @@ def evaluate_checkpoint(
         cfg = apply_overrides(config_from_dict(state["config"]), overrides).validate()
     set_threads(cfg.train.threads)
     model, cfg, state = model_from_checkpoint(state["path"], cfg)
+    device = next(model.parameters()).device
+    env = init_distributed(device)  # under torchrun: shard the images over the ranks
+    if env.distributed and device.type == "cuda":
+        model = model.to(torch.device("cuda", env.local_rank))
     names = tuple(state.get("class_names") or ())
     split = split or "test"
     dataset = build_dataset(cfg, split)
