@@ -1,5 +1,7 @@
 """MAPLoss: its backward is the scaled pseudo-gradient, training with it raises mAP."""
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -164,7 +166,10 @@ def test_memory_travels_in_state_dict():
     a = MAPLoss(memory=2)
     a(torch.tensor(o.probs), o.boxes, o.image_ids, targets)
     b = MAPLoss(memory=2)
-    b.load_state_dict(a.state_dict())
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b.load_state_dict(torch.load(buf, weights_only=True))
     o2, targets2 = _batch(windows=60, classes=2, seed=3)
     la = a(torch.tensor(o2.probs), o2.boxes, o2.image_ids, targets2).item()
     lb = b(torch.tensor(o2.probs), o2.boxes, o2.image_ids, targets2).item()

@@ -224,14 +224,20 @@ class MAPLoss(nn.Module):
 
     def get_extra_state(self) -> dict:
         """The AP memory, so that ``state_dict()`` (and a checkpoint) carries it: a resumed
-        run then sees the same AP context as an uninterrupted one."""
-        return {"memory": [dataclasses.asdict(w) for w in self._memory]}
+        run then sees the same AP context as an uninterrupted one. Arrays are stored as
+        tensors so that ``torch.load(..., weights_only=True)`` accepts them."""
+        return {"memory": [
+            {k: (v if k == "num_images" else torch.from_numpy(np.ascontiguousarray(v)))
+             for k, v in dataclasses.asdict(w).items()}
+            for w in self._memory]}
 
     def set_extra_state(self, state: dict) -> None:
         self._memory.clear()
         for w in state.get("memory", []):
-            self._memory.append(Windows(**{k: np.asarray(v) if k != "num_images" else int(v)
-                                           for k, v in w.items()}))
+            self._memory.append(Windows(**{
+                k: int(v) if k == "num_images" else
+                (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
+                for k, v in w.items()}))
 
     def forward(self, probs: torch.Tensor, boxes, image_ids, targets) -> torch.Tensor:
         current = windows_from_tensors(probs, boxes, image_ids, targets)

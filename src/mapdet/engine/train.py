@@ -34,7 +34,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -153,28 +152,18 @@ def _state(model, optimizer, scheduler, cfg: Config, iteration: int, order: Data
 
 
 def loss_state(criterion) -> dict[str, Any] | None:
-    """The extra state of a :class:`mapdet.MAPLoss` (its AP memory, ``loss.memory`` > 0) with
-    numpy arrays turned into tensors, so that checkpoints still load with
-    ``weights_only=True``; ``None`` when there is nothing to keep."""
+    """The extra state of a :class:`mapdet.MAPLoss` (its AP memory, ``loss.memory`` > 0; its
+    arrays are tensors, so checkpoints load with ``weights_only=True``); ``None`` when there
+    is nothing to keep."""
     if criterion is None or not getattr(criterion, "memory", 0):
         return None
-    return _tensorize(criterion.get_extra_state())
+    return criterion.get_extra_state()
 
 
 def load_loss_state(criterion, state: dict[str, Any] | None) -> None:
     """Restore what :func:`loss_state` saved (no-op for ``None``)."""
     if state is not None and criterion is not None:
         criterion.set_extra_state(state)
-
-
-def _tensorize(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(value))
-    if isinstance(value, dict):
-        return {k: _tensorize(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_tensorize(v) for v in value]
-    return value
 
 
 def load_model_weights(model: torch.nn.Module, path: str | Path) -> dict[str, Any]:
