@@ -87,7 +87,7 @@ def test_gradient_flows_through_softmax_and_raises_map():
     assert history[-1] > history[0] + 0.3, history
 
 
-def test_memory_joins_the_ap_but_gets_no_gradient():
+def test_memory_keeps_the_last_k_minibatches():
     o, targets = _batch(windows=60, classes=2, seed=2)
     loss_fn = MAPLoss(memory=2)
     for step in range(4):
