@@ -153,7 +153,7 @@ def tiny(tmp_path_factory):
         "data.digits={num_train: 6, num_test: 3, image_size: 64, seed: 0}",
         "data.scale=64", "data.max_size=64", "data.flip=true",
         f"proposals.cache_dir={root / 'cache'}", "proposals.num_workers=0",
-        "proposals.max_proposals=64",
+        "proposals.max_per_image=64",
         "model.fc_dim=32", "model.dropout=0.5",  # dropout: the torch RNG must be restored
         "train.iterations=6", "train.checkpoint_every=2", "train.log_every=1",
         "train.warmup_iterations=2", "train.lr_steps=[4]",

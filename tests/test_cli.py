@@ -106,7 +106,7 @@ def tiny_args(tmp_path_factory):
         "data.digits={num_train: 4, num_test: 2, image_size: 64, seed: 2}",
         "data.scale=64", "data.max_size=64",
         f"proposals.cache_dir={root / 'cache'}", "proposals.num_workers=0",
-        "proposals.max_proposals=64", "model.fc_dim=32",
+        "proposals.max_per_image=64", "model.fc_dim=32",
         "train.iterations=2", "train.checkpoint_every=0", "train.log_every=1",
         "output.tensorboard=false",
     ]

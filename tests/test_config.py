@@ -35,7 +35,7 @@ def test_paper_settings():
     m = load_config(CONFIGS / "voc07_vgg16_map.yaml")
     assert m.train.loss == "map" and m.train.init_from
     assert m.train.lr < s.train.lr
-    assert m.loss.max_proposals == 0  # all proposals
+    assert m.loss.max_rois_per_image == 0  # all proposals
 
 
 def test_overrides_are_yaml_scalars(tmp_path):
@@ -108,3 +108,73 @@ def test_round_trip(tmp_path):
     assert config_from_dict(cfg.to_dict()) == cfg
     assert apply_overrides(cfg, ["train.seed=3"]).train.seed == 3
     assert cfg.train.seed == 0  # overrides return a new config
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 9: custom classes, keys written twice, degenerate sizes, thresholds, renamed keys
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_section_written_twice_is_an_error(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("train:\n  lr: 0.1\nmodel:\n  fc_dim: 8\ntrain:\n  iterations: 5\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert str(path) in msg and "'train' is written twice" in msg
+    assert "line 5" in msg and "line 1" in msg
+    path.write_text("train:\n  lr: 0.1\n  lr: 0.2\n")  # a key inside a section, too
+    with pytest.raises(ConfigError, match="'lr' is written twice"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.fc_dim=0", "model.fc_dim"),
+    ("data.scale=0", "data.scale"),
+    ("data.max_size=-5", "data.max_size"),
+    ("proposals.max_per_image=-1", "proposals.max_per_image"),
+    ("proposals.resize_to=0", "proposals.resize_to"),
+    ("proposals.num_workers=-2", "proposals.num_workers"),
+    ("loss.memory=-1", "loss.memory"),
+    ("eval.max_per_image=-1", "eval.max_per_image"),
+    ("loss.nms_iou=0", "loss.nms_iou"),
+    ("loss.match_iou=1.5", "loss.match_iou"),
+    ("eval.nms_iou=0", "eval.nms_iou"),
+    ("eval.match_iou=0", "eval.match_iou"),
+    ("loss.score_threshold=-0.1", "loss.score_threshold"),
+])
+def test_degenerate_sizes_and_thresholds_are_rejected(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ": must be"):
+        load_config(None, [override])
+
+
+def test_renamed_max_proposals_keys_name_the_new_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"proposals\.max_proposals: renamed to "
+                       r"proposals\.max_per_image"):
+        load_config(None, ["proposals.max_proposals=10"])
+    path = tmp_path / "old.yaml"
+    path.write_text("loss:\n  max_proposals: 100\n")
+    with pytest.raises(ConfigError, match=r"loss\.max_rois_per_image"):
+        load_config(path)
+    # a config saved by an older version (inside a checkpoint) still loads
+    old = config_from_dict({"proposals": {"max_proposals": 64}, "loss": {"max_proposals": 9}})
+    assert old.proposals.max_per_image == 64 and old.loss.max_rois_per_image == 9
+
+
+def test_proposal_seed_is_its_own_key():
+    cfg = load_config(CONFIGS / "digits.yaml", ["train.seed=5"])
+    assert cfg.proposals.seed == 0
+    assert load_config(None, ["proposals.seed=3"]).proposals.seed == 3
+
+
+def test_custom_classes():
+    cfg = load_config(None, ["data.kind=voc", "data.classes=[crack, pothole]",
+                             "data.skip_unknown=true"])
+    assert cfg.data.classes == ["crack", "pothole"] and cfg.data.skip_unknown
+    assert load_config(None, ["data.kind=voc"]).data.classes is None  # the 20 VOC classes
+    with pytest.raises(ConfigError, match=r"data\.classes: empty list"):
+        load_config(None, ["data.kind=voc", "data.classes=[]"])
+    with pytest.raises(ConfigError, match=r"data\.classes: listed more than once: a"):
+        load_config(None, ["data.kind=voc", "data.classes=[a, b, a]"])
+    with pytest.raises(ConfigError, match=r"data\.classes: only used with data\.kind: voc"):
+        load_config(None, ["data.kind=digits", "data.classes=[a]"])

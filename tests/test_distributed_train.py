@@ -27,7 +27,7 @@ def _overrides(root: Path, loss: str, images_per_batch: int) -> list[str]:
         "data.digits={num_train: 8, num_test: 2, image_size: 64, seed: 3}",
         "data.scale=64", "data.max_size=64", "data.flip=true",
         f"proposals.cache_dir={root / 'cache'}", "proposals.num_workers=0",
-        "proposals.max_proposals=48", "train.rois_per_image=16", "model.fc_dim=32",
+        "proposals.max_per_image=48", "train.rois_per_image=16", "model.fc_dim=32",
         "model.dropout=0.0",
         f"train.loss={loss}", "train.iterations=3", "train.checkpoint_every=0",
         "train.log_every=1", "train.threads=1", "train.lr=0.01",

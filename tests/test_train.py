@@ -27,7 +27,7 @@ def tiny(tmp_path_factory):
         "data.digits={num_train: 6, num_test: 4, image_size: 64, seed: 1}",
         "data.scale=64", "data.max_size=64",
         f"proposals.cache_dir={root / 'cache'}", "proposals.num_workers=0",
-        "proposals.max_proposals=64",
+        "proposals.max_per_image=64",
         "model.fc_dim=32",
         "train.iterations=4", "train.checkpoint_every=2", "train.log_every=1",
         "train.threads=1", "eval.num_vis=2",

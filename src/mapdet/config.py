@@ -40,6 +40,7 @@ __all__ = [
     "config_from_dict",
     "load_config",
     "parse_override",
+    "read_yaml_mapping",
 ]
 
 
@@ -61,8 +62,13 @@ class DataConfig:
     ``coco`` (``root`` holds the images, ``train_ann``/``test_ann`` the JSON files) or
     ``digits`` (the embedded procedural benchmark, written to ``root`` on first use).
     ``train_years`` lists the VOC years whose ``train_split`` lists are united (07+12 is
-    ``[2007, 2012]``). ``digits`` holds the parameters of
-    :func:`mapdet.data.digits.write_digits_voc` (``num_train``, ``num_test``, ``image_size``,
+    ``[2007, 2012]``); a ``root`` that itself holds ``Annotations/``, ``JPEGImages/`` and
+    ``ImageSets/Main/`` (a data set of one's own) ignores the years. ``classes``: the class
+    names of a VOC-layout data set, label ``c`` being ``classes[c]`` (null: the 20 VOC
+    classes); an object of another class is an error naming this key, or is dropped when
+    ``skip_unknown`` is true. COCO data sets take their classes from the JSON file and the
+    digits benchmark has its own, so ``classes`` must stay null for them. ``digits`` holds
+    the parameters of :func:`mapdet.data.digits.write_digits_voc` (``num_train``, ``num_test``, ``image_size``,
     ``seed``, ...; empty: its defaults); override one with ``data.digits.num_train=100``.
     Images are resized so that the shorter side is ``scale`` and the longer at most
     ``max_size``.
@@ -76,6 +82,8 @@ class DataConfig:
     test_split: str = "test"
     train_ann: str | None = None
     test_ann: str | None = None
+    classes: list[str] | None = None
+    skip_unknown: bool = False
     use_difficult: bool = False
     scale: int = 600
     max_size: int = 1000
@@ -92,7 +100,11 @@ class ProposalConfig:
     optionally on a copy resized to a shorter side of ``resize_to`` px) in ``num_workers``
     processes and caches them in ``cache_dir``; ``method: file`` reads ``file`` (training)
     and ``test_file`` (evaluation): a ``.mat`` (original Fast R-CNN format), ``.npz`` or
-    ``.json`` file. ``max_proposals``: at most this many per image (0: all).
+    ``.json`` file. ``max_per_image``: keep at most this many proposals per image, the
+    first in the method's (or the file's) order (0: all); applied once, where the proposals
+    are computed or read (:func:`mapdet.engine.builders.build_proposals`). ``seed``: the seed
+    of Selective Search's randomised ranking (separate from ``train.seed``, so that a new
+    training seed reuses the cached proposals).
     """
 
     method: Literal["selective_search", "file"] = "selective_search"
@@ -101,9 +113,10 @@ class ProposalConfig:
     cache_dir: str = "cache/proposals"
     mode: Literal["fast", "quality"] = "fast"
     resize_to: int | None = None
-    max_proposals: int = 2000
+    max_per_image: int = 2000
     min_size: float = 4.0
     num_workers: int = 2
+    seed: int = 0
 
 
 @dataclass
@@ -168,7 +181,8 @@ class TrainConfig:
 class LossConfig:
     """Options of the mAP loss (``train.loss: map``), see :class:`mapdet.MAPLoss`.
 
-    ``max_proposals`` caps the proposals per image sent through the head (0: all).
+    ``max_rois_per_image`` caps the proposals per image sent through the head and into the
+    AP (0: all of them, as in the paper).
     ``box_loss_weight`` weighs the smooth-L1 box loss on up to ``fg_fraction *
     rois_per_image`` sampled foreground proposals per image, ``map_loss_weight`` the mAP
     term. ``memory``: detections of that many past minibatches (scores detached) join the AP
@@ -183,7 +197,7 @@ class LossConfig:
     form: Literal["one_minus", "neg_log"] = "one_minus"
     map_loss_weight: float = 1.0
     box_loss_weight: float = 1.0
-    max_proposals: int = 0
+    max_rois_per_image: int = 0
     memory: int = 0
     num_threads: int = 0
 
@@ -268,7 +282,8 @@ class Config:
 
     def validate(self) -> Config:
         """Check cross-field constraints; raises :class:`ConfigError`. Returns ``self``."""
-        t, d, lo = self.train, self.data, self.loss
+        t, d, lo, p, m, e = (self.train, self.data, self.loss, self.proposals, self.model,
+                             self.eval)
         _positive("train.iterations", t.iterations, allow_zero=True)
         _positive("train.images_per_batch", t.images_per_batch)
         _positive("train.rois_per_image", t.rois_per_image)
@@ -278,11 +293,36 @@ class Config:
         _positive("data.scale", d.scale)
         _positive("data.max_size", d.max_size)
         _positive("loss.min_step", lo.min_step)
-        for key, val in (("train.fg_fraction", t.fg_fraction), ("loss.nms_iou", lo.nms_iou),
-                         ("loss.match_iou", lo.match_iou), ("eval.nms_iou", self.eval.nms_iou),
-                         ("model.dropout", self.model.dropout)):
+        for key, val in (("data.num_workers", d.num_workers),
+                         ("proposals.max_per_image", p.max_per_image),
+                         ("proposals.min_size", p.min_size),
+                         ("proposals.num_workers", p.num_workers),
+                         ("train.warmup_iterations", t.warmup_iterations),
+                         ("train.keep_checkpoints", t.keep_checkpoints),
+                         ("train.threads", t.threads), ("train.momentum", t.momentum),
+                         ("train.weight_decay", t.weight_decay),
+                         ("train.clip_grad_norm", t.clip_grad_norm),
+                         ("loss.max_rois_per_image", lo.max_rois_per_image),
+                         ("loss.memory", lo.memory), ("loss.num_threads", lo.num_threads),
+                         ("eval.max_per_image", e.max_per_image),
+                         ("eval.max_images", e.max_images), ("eval.num_vis", e.num_vis)):
+            _positive(key, val, allow_zero=True)
+        for key, opt in (("proposals.resize_to", p.resize_to), ("model.fc_dim", m.fc_dim)):
+            if opt is not None:
+                _positive(key, opt)
+        if m.freeze_at is not None:
+            _positive("model.freeze_at", m.freeze_at, allow_zero=True)
+        for key, val in (("train.fg_fraction", t.fg_fraction), ("model.dropout", m.dropout),
+                         ("loss.score_threshold", lo.score_threshold),
+                         ("eval.score_threshold", e.score_threshold),
+                         ("eval.vis_threshold", e.vis_threshold)):
             if not 0.0 <= val <= 1.0:
                 raise ConfigError(f"{key}: must be in [0, 1], got {val}")
+        for key, val in (("loss.nms_iou", lo.nms_iou), ("loss.match_iou", lo.match_iou),
+                         ("eval.nms_iou", e.nms_iou), ("eval.match_iou", e.match_iou)):
+            if not 0.0 < val <= 1.0:
+                raise ConfigError(f"{key}: must be in (0, 1], got {val}")
+        self._validate_classes()
         if not t.bg_iou_low <= t.bg_iou_high <= t.fg_iou:
             raise ConfigError(
                 "train.bg_iou_low <= train.bg_iou_high <= train.fg_iou must hold, got "
@@ -298,6 +338,25 @@ class Config:
         if bad or not self.eval.metrics:
             raise ConfigError(f"eval.metrics: unknown {bad or 'empty list'}; valid: voc07, area")
         return self
+
+    def _validate_classes(self) -> None:
+        classes = self.data.classes
+        if classes is None:
+            return
+        if self.data.kind != "voc":
+            raise ConfigError(
+                f"data.classes: only used with data.kind: voc (a {self.data.kind} data set "
+                "has its own class list); remove it or set it to null")
+        if not classes:
+            raise ConfigError("data.classes: empty list; give at least one class name "
+                              "(or null for the 20 VOC classes)")
+        for i, c in enumerate(classes):
+            if not c.strip() or c != c.strip():
+                raise ConfigError(f"data.classes[{i}]: {c!r} is empty or has surrounding "
+                                  "spaces")
+        dup = sorted({c for c in classes if classes.count(c) > 1})
+        if dup:
+            raise ConfigError(f"data.classes: listed more than once: {', '.join(dup)}")
 
 
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
@@ -370,10 +429,6 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return {str(k): v for k, v in value.items()}
-    if origin is dict or tp is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return {str(k): v for k, v in value.items()}
     if origin is list:
         (inner,) = typing.get_args(tp)
         if isinstance(value, tuple):
@@ -407,21 +462,42 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
-def _section_from_dict(name: str, cls: type, values: Mapping[str, Any]) -> Any:
+#: Keys that were renamed: ``(section, old key) -> new key``. ``max_proposals`` meant two
+#: different things in two sections; each now has a name that says which.
+RENAMED_KEYS: dict[tuple[str, str], str] = {
+    ("proposals", "max_proposals"): "max_per_image",
+    ("loss", "max_proposals"): "max_rois_per_image",
+}
+
+
+def _section_from_dict(name: str, cls: type, values: Mapping[str, Any],
+                       migrate: bool = True) -> Any:
     if not isinstance(values, Mapping):
         raise ConfigError(f"{name}: expected a mapping of keys, got {values!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
+        new = RENAMED_KEYS.get((name, str(key)))
+        if new is not None:
+            if not migrate:
+                raise ConfigError(f"{name}.{key}: renamed to {name}.{new}; use that name")
+            if new in values:
+                continue  # both spellings (an old config with an override): the new one wins
+            key = new
         if key not in hints:
             raise _unknown_key(str(key), names, f"{name}.")
         kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
     return cls(**kwargs)
 
 
-def config_from_dict(d: Mapping[str, Any] | None) -> Config:
-    """Build a :class:`Config` from a nested dict; missing keys take their defaults."""
+def config_from_dict(d: Mapping[str, Any] | None, *, migrate: bool = True) -> Config:
+    """Build a :class:`Config` from a nested dict; missing keys take their defaults.
+
+    ``migrate``: accept the old names of :data:`RENAMED_KEYS` (configs saved in older
+    checkpoints) under their new names; ``False`` makes them errors that give the new name
+    (what :func:`load_config` does for files and overrides written by a user).
+    """
     d = {} if d is None else d
     if not isinstance(d, Mapping):
         raise ConfigError(f"a config must be a mapping of sections, got {type(d).__name__}")
@@ -429,7 +505,7 @@ def config_from_dict(d: Mapping[str, Any] | None) -> Config:
     for name, values in d.items():
         if name not in _SECTIONS:
             raise _unknown_key(str(name), list(_SECTIONS))
-        sections[name] = _section_from_dict(name, _SECTIONS[name], values or {})
+        sections[name] = _section_from_dict(name, _SECTIONS[name], values or {}, migrate)
     return Config(**sections)
 
 
@@ -452,8 +528,10 @@ def parse_override(text: str) -> tuple[str, str, str | None, Any]:
     return parts[0], parts[1], (parts[2] if len(parts) == 3 else None), value
 
 
-def apply_overrides(cfg: Config | Mapping[str, Any], overrides: Sequence[str]) -> Config:
-    """Return a new :class:`Config` with ``section.key=value`` overrides applied."""
+def apply_overrides(cfg: Config | Mapping[str, Any], overrides: Sequence[str], *,
+                    migrate: bool = True) -> Config:
+    """Return a new :class:`Config` with ``section.key=value`` overrides applied
+    (``migrate``: see :func:`config_from_dict`)."""
     if isinstance(cfg, Config):
         d = cfg.to_dict()
     else:
@@ -475,31 +553,65 @@ def apply_overrides(cfg: Config | Mapping[str, Any], overrides: Sequence[str]) -
             raise ConfigError(f"override {text!r}: {section}.{key} is not a mapping; "
                               f"use {section}.{key}=value")
         values[key] = {**dict(values.get(key) or {}), entry: value}
-    return config_from_dict(d)
+    return config_from_dict(d, migrate=migrate)
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config (``None``: all defaults), apply overrides, validate.
 
-    Raises :class:`ConfigError` naming the file or key on a missing file, bad YAML, an unknown
-    key or a wrongly typed value.
+    Raises :class:`ConfigError` naming the file or key on a missing file, bad YAML, a key
+    written twice, an unknown or renamed key or a wrongly typed value.
     """
     d: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, Mapping):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-        d = dict(loaded or {})
+        d = read_yaml_mapping(path)
     try:
-        cfg = apply_overrides(d, overrides)
+        cfg = apply_overrides(d, overrides, migrate=False)
         return cfg.validate()
     except ConfigError as exc:
         if path is not None:
             raise ConfigError(f"{path}: {exc}") from None
         raise
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping key written twice (PyYAML keeps the last
+    silently: a section written twice would drop the first one's settings)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: let PyYAML report it
+                continue
+            if first is not None:
+                raise ConfigError(
+                    f"line {key_node.start_mark.line + 1}: key {key!r} is written twice "
+                    f"(first on line {first.start_mark.line + 1}); merge the two")
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of the YAML file ``path`` (``{}`` for an empty file).
+
+    Raises :class:`ConfigError` naming the file on a missing file, bad YAML, a key written
+    twice in one mapping, or a top level that is not a mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - safe loader
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if loaded is not None and not isinstance(loaded, Mapping):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return dict(loaded or {})

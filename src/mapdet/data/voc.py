@@ -26,6 +26,7 @@ from mapdet.data.base import AnnotationError, DetectionDataset, ImageRecord, ima
 
 __all__ = [
     "VOC_CLASSES",
+    "UnknownClassError",
     "VOCDataset",
     "find_voc_base",
     "parse_voc_xml",
@@ -42,6 +43,11 @@ VOC_CLASSES: tuple[str, ...] = (
     "diningtable", "dog", "horse", "motorbike", "person",
     "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )  # fmt: skip
+
+class UnknownClassError(AnnotationError):
+    """An object's class name is not in the data set's class list (the message names the
+    file, the object and the known classes)."""
+
 
 _IMAGE_EXTENSIONS = (".jpg", ".png", ".jpeg", ".JPG", ".JPEG", ".PNG", ".bmp")
 
@@ -146,7 +152,7 @@ def parse_voc_xml(
             if skip_unknown:
                 logger.debug("%s: skipping unknown class %r", where, name)
                 continue
-            raise AnnotationError(
+            raise UnknownClassError(
                 f"{where}: unknown class name {name!r}; known classes: {', '.join(class_names)}"
                 " (pass skip_unknown=True to ignore such objects)"
             )

@@ -1,5 +1,24 @@
-"""Build the pieces of a run from its :class:`~mapdet.config.Config`: data set, proposals,
-model, device."""
+"""The one mapping from a :class:`~mapdet.config.Config` to each component of a run.
+
+Every command (``train``, ``eval``, ``detect``, ``proposals``, ``demo``) builds its pieces
+here and nowhere else, so that a config key means the same thing everywhere (the idea of
+detectron2's ``from_config``, kept in one module rather than on the classes so that
+``models``/``data``/``loss`` stay free of the config):
+
+==================  ==========================================  ===========================
+component           built by                                    from
+==================  ==========================================  ===========================
+data set            :func:`build_dataset`                       ``data``
+proposals           :func:`build_proposals`                     ``proposals``
+model               :func:`build_model`                         ``model``
+mAP loss            :func:`build_criterion`                     ``loss``
+device, threads     :func:`resolve_device`, :func:`set_threads`  ``train.device/threads``
+==================  ==========================================  ===========================
+
+(the optimizer and LR schedule, from ``train``, are
+:func:`mapdet.engine.train.build_optimizer` / ``build_scheduler``; test-time
+post-processing reads ``eval`` in :func:`mapdet.engine.evaluate.detect_batch`).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +31,7 @@ import torch
 from mapdet.config import Config, ConfigError
 
 __all__ = [
+    "build_criterion",
     "build_dataset",
     "build_model",
     "build_proposals",
@@ -49,10 +69,20 @@ def build_dataset(cfg: Config, split: str = "train"):
             raise ConfigError(f"data.digits: {exc}") from None
     if d.kind == "voc":
         from mapdet.data.base import ConcatDataset
-        from mapdet.data.voc import VOCDataset
+        from mapdet.data.voc import VOC_CLASSES, UnknownClassError, VOCDataset, find_voc_base
 
         years = d.train_years if split == "train" else [d.test_year]
-        parts = [VOCDataset(d.root, year=str(y), split=name, use_difficult=True) for y in years]
+        classes = tuple(d.classes) if d.classes is not None else VOC_CLASSES
+        bases = list(dict.fromkeys(find_voc_base(d.root, y) for y in years))
+        try:
+            parts = [VOCDataset(b, year=str(y), split=name, class_names=classes,
+                                use_difficult=True, skip_unknown=d.skip_unknown)
+                     for b, y in zip(bases, years, strict=False)]
+        except UnknownClassError as exc:
+            text = str(exc).replace(" (pass skip_unknown=True to ignore such objects)", "")
+            raise ConfigError(
+                f"data.classes: {text}. List your classes in data.classes, or set "
+                "data.skip_unknown: true to drop objects of other classes") from None
         return parts[0] if len(parts) == 1 else ConcatDataset(parts)
     if d.kind == "coco":
         from mapdet.data.coco import COCODataset
@@ -66,25 +96,41 @@ def build_dataset(cfg: Config, split: str = "train"):
     raise ConfigError(f"data.kind: unknown {d.kind!r}; valid: voc, coco, digits")
 
 
-def build_proposals(cfg: Config, dataset, split: str = "train",
-                    progress: bool = True) -> dict[str, np.ndarray]:
-    """Proposals of every image of ``dataset`` (computed once and cached, or read from
-    ``proposals.file`` / ``proposals.test_file``): image id -> ``(P, 4)`` float32 xyxy."""
+def build_proposals(cfg: Config, dataset, split: str = "train", *, progress: bool = True,
+                    cache: bool = True) -> dict[str, np.ndarray]:
+    """Proposals of every image of ``dataset``: image id -> ``(P, 4)`` float32 xyxy.
+
+    ``proposals.method: selective_search`` computes them (``mode``, ``resize_to``,
+    ``min_size``, ``seed``) in ``num_workers`` processes and caches them in ``cache_dir``
+    (``cache=False``: neither, for a few arbitrary images as in ``mapdet detect``).
+    ``method: file`` reads ``proposals.file`` (training) or ``proposals.test_file``
+    (``split="test"``); for images that belong to no split (``split="images"``, ``mapdet
+    detect``), which no file can hold, Selective Search with the same options is computed.
+    Then ``proposals.max_per_image`` (> 0) keeps the first that many of each image: the one
+    place where that cap is applied, so that the cache holds every box and a new cap reuses
+    it.
+    """
     from mapdet.data.proposals import load_or_compute_proposals
 
     p = cfg.proposals
     file = None
-    if p.method == "file":
+    if p.method == "file" and split != "images":
         file = p.test_file if split == "test" else p.file
         if not file:
             key = "proposals.test_file" if split == "test" else "proposals.file"
             raise ConfigError(f"{key}: needed for the {split} split with proposals.method: file")
-    return load_or_compute_proposals(
-        dataset, method="selective_search" if p.method == "file" else p.method,
-        cache_dir=Path(p.cache_dir) if p.cache_dir else None, file=file,
-        num_workers=p.num_workers, max_proposals=p.max_proposals or None, min_size=p.min_size,
-        mode=p.mode, resize_to=p.resize_to, seed=cfg.train.seed, progress=progress,
+    elif p.method == "file":
+        log.info("proposals.method is file: computing Selective Search (mode %s) for these "
+                 "images, which no proposal file covers", p.mode)
+    props = load_or_compute_proposals(
+        dataset, method="selective_search", file=file,
+        cache_dir=Path(p.cache_dir) if (cache and p.cache_dir) else None,
+        num_workers=p.num_workers if cache else 0, max_proposals=None, min_size=p.min_size,
+        mode=p.mode, resize_to=p.resize_to, seed=p.seed, progress=progress,
     )
+    if p.max_per_image > 0:
+        props = {k: v[: p.max_per_image] for k, v in props.items()}
+    return props
 
 
 def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
@@ -98,6 +144,20 @@ def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
                         fc_dim=m.fc_dim, dropout=m.dropout, freeze_at=m.freeze_at)
     except ValueError as exc:
         raise ConfigError(f"model: {exc}") from None
+
+
+def build_criterion(cfg: Config, *, distributed: bool = False):
+    """The :class:`mapdet.MAPLoss` of ``cfg.loss`` for ``train.loss: map`` (``None`` for the
+    softmax loss, which has no options beyond ``train``)."""
+    if cfg.train.loss != "map":
+        return None
+    from mapdet import MAPLoss
+
+    lc = cfg.loss
+    return MAPLoss(score_threshold=lc.score_threshold, nms_iou=lc.nms_iou,
+                   match_iou=lc.match_iou, ap_method=lc.ap_method, min_step=lc.min_step,
+                   form=lc.form, memory=lc.memory, distributed=distributed,
+                   num_threads=lc.num_threads or None)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -76,16 +76,16 @@ class ImageLoader(Dataset):
         dataset: a :class:`~mapdet.data.base.DetectionDataset`.
         proposals: image id -> ``(P, 4)`` float32 xyxy in original pixels.
         scale, max_size: the resize rule (:func:`mapdet.data.transforms.resize_scale`).
-        max_proposals: keep the first ``max_proposals`` of each image (0: all).
+
+    The proposals are used as given (``proposals.max_per_image`` was applied when they were
+    built, :func:`mapdet.engine.builders.build_proposals`).
     """
 
-    def __init__(self, dataset, proposals: dict[str, np.ndarray], scale: int, max_size: int,
-                 max_proposals: int = 0):
+    def __init__(self, dataset, proposals: dict[str, np.ndarray], scale: int, max_size: int):
         self.dataset = dataset
         self.proposals = proposals
         self.scale = scale
         self.max_size = max_size
-        self.max_proposals = max_proposals
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -97,8 +97,6 @@ class ImageLoader(Dataset):
             props = self.proposals[rec.image_id]
         except KeyError:
             raise KeyError(f"no proposals for image {rec.image_id!r} ({rec.path})") from None
-        if self.max_proposals > 0:
-            props = props[: self.max_proposals]
         image = self.dataset.load_image(index)
         d = make_sample(image, rec.boxes, rec.labels, rec.difficult, props, scale=self.scale,
                         max_size=self.max_size, flip=flip, image_id=rec.image_id)
@@ -146,8 +144,7 @@ def _loader(images: ImageLoader, batch_sampler, num_workers: int) -> DataLoader:
 def make_train_loader(dataset, proposals, cfg: Config, order: DataOrder, start: int, stop: int,
                       device: torch.device | None = None) -> Iterator[Batch]:
     """Batches of iterations ``start .. stop-1`` in the order of ``order``, on ``device``."""
-    images = ImageLoader(dataset, proposals, cfg.data.scale, cfg.data.max_size,
-                         cfg.proposals.max_proposals)
+    images = ImageLoader(dataset, proposals, cfg.data.scale, cfg.data.max_size)
     loader = _loader(images, _Iterations(order, start, stop), cfg.data.num_workers)
     for batch in loader:
         yield batch.to(device) if device is not None else batch
@@ -156,8 +153,7 @@ def make_train_loader(dataset, proposals, cfg: Config, order: DataOrder, start: 
 def make_eval_loader(dataset, proposals, cfg: Config, indices: Sequence[int] | None = None,
                      device: torch.device | None = None) -> Iterator[Batch]:
     """One-image batches of ``indices`` (default: all images, in order), never flipped."""
-    images = ImageLoader(dataset, proposals, cfg.data.scale, cfg.data.max_size,
-                         cfg.proposals.max_proposals)
+    images = ImageLoader(dataset, proposals, cfg.data.scale, cfg.data.max_size)
     idx = range(len(dataset)) if indices is None else indices
     loader = _loader(images, [[(int(i), False)] for i in idx], cfg.data.num_workers)
     for batch in loader:

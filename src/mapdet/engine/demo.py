@@ -65,7 +65,7 @@ proposals:
   method: selective_search
   cache_dir: cache/proposals
   mode: fast
-  max_proposals: 2000
+  max_per_image: 2000
   min_size: 4.0
   num_workers: 2
 model:
@@ -101,7 +101,7 @@ loss:
   form: one_minus
   map_loss_weight: 1.0
   box_loss_weight: 1.0
-  max_proposals: 0
+  max_rois_per_image: 0
 eval:
   score_threshold: 0.05
   nms_iou: 0.3

@@ -429,7 +429,6 @@ def detect_images(images: Sequence[str | Path], checkpoint: str | Path, *,
     """Detect objects in image files with a checkpoint; draw them to ``<out>/<stem>.png``
     and list them in ``<out>/detections.json``. Returns the files written."""
     from mapdet.data.base import DetectionDataset, ImageRecord, image_size
-    from mapdet.data.proposals import load_or_compute_proposals
 
     model, cfg, state = model_from_checkpoint(checkpoint)
     names = tuple(state.get("class_names") or [f"class{i}" for i in range(model.num_classes)])
@@ -440,11 +439,7 @@ def detect_images(images: Sequence[str | Path], checkpoint: str | Path, *,
                                    height=h, boxes=np.zeros((0, 4)), labels=np.zeros(0),
                                    difficult=np.zeros(0)))
     dataset = DetectionDataset(names, records, name="images")
-    p = cfg.proposals
-    proposals = load_or_compute_proposals(
-        dataset, method=p.method, cache_dir=None, num_workers=0,
-        max_proposals=p.max_proposals or None, min_size=p.min_size, mode=p.mode,
-        resize_to=p.resize_to, progress=False)
+    proposals = build_proposals(cfg, dataset, "images", progress=False, cache=False)
     detections, _ = run_inference(model, dataset, proposals, cfg, progress=False)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -93,7 +93,7 @@ def map_loss(
     """The mAP loss over all proposals of the minibatch, plus smooth-L1 on sampled foreground.
 
     The windows handed to ``criterion`` (a :class:`mapdet.MAPLoss`) are every proposal of every
-    image (capped at ``loss.max_proposals`` per image when > 0), with the softmax probabilities
+    image (capped at ``loss.max_rois_per_image`` per image when > 0), with the softmax probabilities
     of the K foreground classes ``(N, K)`` and the class-specific boxes ``(N, K, 4)`` (decoded
     and clipped to the image, detached: AP after NMS is trained through the scores); targets
     keep the difficult flags so that the AP treats them as the evaluation does.
@@ -103,8 +103,8 @@ def map_loss(
     rois = []
     for s in batch.samples:
         p = s.proposals
-        if lc.max_proposals > 0:
-            p = p[: lc.max_proposals]
+        if lc.max_rois_per_image > 0:
+            p = p[: lc.max_rois_per_image]
         rois.append(p)
     logits, deltas = model(batch.images, [r.to(device) for r in rois])
     probs = F.softmax(logits, dim=1)[:, 1:]

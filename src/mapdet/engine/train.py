@@ -40,6 +40,7 @@ from tqdm import tqdm
 from mapdet.config import Config, config_from_dict
 from mapdet.engine import checkpoint as ckpt
 from mapdet.engine.builders import (
+    build_criterion,
     build_dataset,
     build_model,
     build_proposals,
@@ -278,21 +279,13 @@ def _train(cfg: Config, run_dir: Path, resume_state, callbacks, progress: bool) 
              env.rank, env.world_size)
 
     dataset = build_dataset(cfg, "train")
-    proposals = build_proposals(cfg, dataset, "train")
+    proposals = build_proposals(cfg, dataset, "train", progress=progress and env.is_main)
     model = build_model(cfg, dataset.num_classes).to(device)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     order = DataOrder(len(dataset), t.images_per_batch * env.world_size, t.seed, cfg.data.flip)
     rank_order = RankOrder(order, env.rank, env.world_size)
-    criterion = None
-    if t.loss == "map":
-        from mapdet import MAPLoss
-
-        lc = cfg.loss
-        criterion = MAPLoss(score_threshold=lc.score_threshold, nms_iou=lc.nms_iou,
-                            match_iou=lc.match_iou, ap_method=lc.ap_method,
-                            min_step=lc.min_step, form=lc.form, memory=lc.memory,
-                            distributed=env.distributed, num_threads=lc.num_threads or None)
+    criterion = build_criterion(cfg, distributed=env.distributed)
 
     ckpt_dir = run_dir / "checkpoints"
     start = 0
