@@ -2,6 +2,8 @@
 
 Slow on purpose (``O(N^2)`` full detection-function evaluations for the gradient): the fast
 code in :mod:`mapdet.core.apnms` is tested against these on generated instances.
+:func:`edited_ap_reference` is the obvious version of :func:`mapdet.core.editap.edited_ap`:
+it materialises the edited list and labels it from scratch.
 """
 
 from __future__ import annotations
@@ -10,11 +12,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mapdet.core.ap import average_precision
+from mapdet.core.ap import ap_from_labels, average_precision, label_detections
 from mapdet.core.nms import greedy_nms
 from mapdet.core.pseudograd import IMPROVEMENT_TOL, check_min_step, pseudo_partial
 
-__all__ = ["ap_after_nms_reference", "ap_pseudo_gradient_reference"]
+__all__ = ["ap_after_nms_reference", "ap_pseudo_gradient_reference", "edited_ap_reference"]
 
 
 def ap_after_nms_reference(
@@ -69,3 +71,24 @@ def ap_pseudo_gradient_reference(
 
         grad[i] = pseudo_partial(f_along, scores[i], points, f_x=f_x, min_step=min_step, tol=tol)
     return f_x, grad
+
+
+def edited_ap_reference(det, removed, inserts, best, best_iou, gt_difficult, thetas,
+                        weights) -> float:
+    """AP (mean over ``thetas``) of the list ``det`` without the base positions in ``removed``
+    and with ``inserts``: ``(gap, sec, window)`` triples, each window placed before base
+    position ``gap`` (same gap: by ``sec`` ascending). Built and labelled from scratch."""
+    removed = set(int(p) for p in removed)
+    by_gap: dict[int, list] = {}
+    for gap, sec, w in sorted(inserts):
+        by_gap.setdefault(int(gap), []).append(int(w))
+    seq = []
+    for p in range(len(det) + 1):
+        seq.extend(by_gap.get(p, []))
+        if p < len(det) and p not in removed:
+            seq.append(int(det[p]))
+    seq = np.asarray(seq, dtype=np.int64)
+    npos = int((~np.asarray(gt_difficult, dtype=bool)).sum())
+    aps = [ap_from_labels(label_detections(best[seq], best_iou[seq], gt_difficult, t), npos,
+                          weights) for t in thetas]
+    return float(np.mean(aps))

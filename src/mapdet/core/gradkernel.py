@@ -1,0 +1,315 @@
+"""The pseudo-gradient kernel of one class: which states and positions to evaluate.
+
+Why it is exact (full argument in docs/method.md, section 5): let ``h`` be window ``i``'s
+highest-ranked kept neighbour (same image, ``IoU > nms_iou``).
+
+* ``i`` not kept (suppressed, or below the threshold). Moving ``s_i`` down changes nothing
+  (``slope_down = 0``). Moving it up changes nothing until ``i`` passes ``h`` (or the
+  threshold when it has no kept neighbour): from there on ``i`` is kept and the NMS state is
+  one fixed state ``S_up`` (``i`` suppresses its kept neighbours, with a cascade).
+* ``i`` kept. Moving up leaves the NMS state as it is. Moving down leaves it as it is until
+  ``i`` passes ``h'``, its highest-ranked neighbour kept once ``i`` is removed; from there on
+  the state is ``S_down`` (``i`` removed, with a cascade) and ``f`` is constant.
+
+Within a fixed state, ``f`` as a function of ``i``'s place is, for one IoU threshold,
+non-increasing then non-decreasing along a walk, so the first improvement is found by binary
+search over the tied-score runs (computed once, on the base list: every position a walk can
+reach is a run boundary of the base list). With several thresholds and ``i`` a TP candidate
+at one of them, the runs are scanned. Every AP is that of the base list with a few edits,
+evaluated exactly by :func:`mapdet.core.editap.edited_ap` in ``O(E log M)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from mapdet.core.editap import build_base, edited_ap, make_edits, make_pool, make_scratch
+from mapdet.core.overlap import (
+    cascade,
+    cascade_graph,
+    group_by,
+    iou,
+    later_neighbours,
+    nms_keep,
+    reset_after,
+)
+
+__all__ = ["POOL_BYTES", "base_detections", "pseudo_gradient_kernel"]
+
+#: Memory budget of the per-shift segment structures of one class.
+POOL_BYTES = 48 << 20
+
+
+@njit(cache=True, nogil=True)
+def base_detections(order, img, n_img, boxes, nu, n):
+    """The detections (kept candidates, rank order) and the per-image candidate CSR."""
+    iptr, icand = group_by(img, order, n_img)
+    kept = nms_keep(icand, iptr, boxes, nu, n)
+    n_det = 0
+    for r in range(order.size):
+        if kept[order[r]]:
+            n_det += 1
+    det = np.empty(n_det, dtype=np.int64)
+    k = 0
+    for r in range(order.size):
+        if kept[order[r]]:
+            det[k] = order[r]
+            k += 1
+    return det, kept, iptr, icand
+
+
+@njit(cache=True, nogil=True)
+def _combine(up, down, rtol):
+    """:func:`mapdet.core.pseudograd.combine_slopes`, compiled."""
+    slack = rtol * max(up, down)
+    if up > 0.0 and up >= down - slack:
+        return up
+    if down > up + slack:
+        return -down
+    return 0.0
+
+
+@njit(cache=True, nogil=True)
+def _walk(up, i, r_lo, r_hi, monotone, f0, tol, mu, s, runs, ctx, stats):
+    """Nearest improvement when ``i`` walks over the runs ``r_lo..r_hi`` (up: from ``r_hi``
+    towards ``r_lo``, landing at the run's start; down: from ``r_lo`` on, landing just below
+    the run's end). The NMS state and the other edits are fixed in ``ctx``. Returns the slope.
+    """
+    (run_start, run_end, run_s) = runs
+    (base, pool, edits, gt, weights, thetas, scratch) = ctx
+    cnt = r_hi - r_lo + 1
+    if cnt <= 0:
+        return 0.0
+    si = s[i]
+    lo = 0
+    hi = cnt - 1
+    if monotone:
+        # "improves" is false then true along the walk: binary search the first true.
+        r = r_lo if up else r_hi
+        gap = run_start[r] if up else run_end[r] + 1
+        v_hi = edited_ap(base, pool, edits, i, gap, gt, weights, thetas, scratch)
+        stats[0] += 1
+        if not v_hi > f0 + tol:
+            return 0.0
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            r = r_hi - mid if up else r_lo + mid
+            gap = run_start[r] if up else run_end[r] + 1
+            v = edited_ap(base, pool, edits, i, gap, gt, weights, thetas, scratch)
+            stats[0] += 1
+            if v > f0 + tol:
+                hi = mid
+                v_hi = v
+            else:
+                lo = mid + 1
+        r = r_hi - lo if up else r_lo + lo
+        delta = run_s[r] - si if up else si - run_s[r]
+        return (v_hi - f0) / (delta + mu)
+    stats[1] += 1
+    for j in range(cnt):
+        r = r_hi - j if up else r_lo + j
+        gap = run_start[r] if up else run_end[r] + 1
+        v = edited_ap(base, pool, edits, i, gap, gt, weights, thetas, scratch)
+        stats[0] += 1
+        if v > f0 + tol:
+            delta = run_s[r] - si if up else si - run_s[r]
+            return (v - f0) / (delta + mu)
+    return 0.0
+
+
+@njit(cache=True, nogil=True)
+def _load_changes(edits, n_rem0, changed, n_chg, chg, det_pos, det_rank, rank):
+    """Append a cascade's changes to the edit set: now-suppressed base detections are
+    removed (and marked), now-kept windows are inserted at their rank's gap."""
+    (rem, ins_w, ins_gap, ins_sec, counts, removed) = edits
+    n_rem = n_rem0
+    n_ins = 0
+    for k in range(n_chg):
+        y = changed[k]
+        if chg[y] == 2:
+            rem[n_rem] = det_pos[y]
+            removed[det_pos[y]] = True
+            n_rem += 1
+        else:
+            ins_w[n_ins] = y
+            ins_gap[n_ins] = np.searchsorted(det_rank, rank[y])
+            ins_sec[n_ins] = rank[y]
+            n_ins += 1
+    counts[0] = n_rem
+    counts[1] = n_ins
+
+
+@njit(cache=True, nogil=True)
+def _unload(edits, n_keep):
+    """Unmark the removals past the first ``n_keep`` and empty the insertions."""
+    (rem, ins_w, ins_gap, ins_sec, counts, removed) = edits
+    for k in range(n_keep, counts[0]):
+        removed[rem[k]] = False
+    counts[0] = n_keep
+    counts[1] = 0
+
+
+@njit(cache=True, nogil=True)
+def pseudo_gradient_kernel(prob, n_grad, grad, stats):
+    """Exact pseudo-gradient of AP after NMS for one class; returns ``f(x)``.
+
+    ``prob = (s, boxes, img, n_img, order, rank, best, best_iou, gt_diff, thetas, weights,
+    par)`` with ``par = [tau, nu, mu, tol, slope_rtol]``. Fills ``grad[:n_grad]``; the windows
+    from ``n_grad`` on take part in the AP only. ``stats (4,)`` int64 accumulates
+    ``[AP queries, scanned walks, direct segment sums, segment queries]``."""
+    (s, boxes, img, n_img, order, rank, best, best_iou, gt_diff, thetas, weights, par) = prob
+    tau, nu, mu, tol, rtol = par[0], par[1], par[2], par[3], par[4]
+    n = s.size
+    det, kept, iptr, icand = base_detections(order, img, n_img, boxes, nu, n)
+    n_det = det.size
+    need = np.zeros(n_img, dtype=np.bool_)
+    for i in range(n_grad):
+        need[img[i]] = True
+    nb_ptr, nb_idx = later_neighbours(icand, iptr, need, boxes, nu, n)
+    base_cnt = np.zeros(n, dtype=np.int64)
+    for r in range(order.size):
+        w = order[r]
+        if kept[w]:
+            for e in range(nb_ptr[w], nb_ptr[w + 1]):
+                base_cnt[nb_idx[e]] += 1
+    graph = cascade_graph(nb_ptr, nb_idx, kept, base_cnt, n)
+    ls_ptr, ls_idx = graph[4], graph[5]
+    det_pos = np.full(n, -1, dtype=np.int64)
+    det_rank = np.empty(n_det, dtype=np.int64)
+    for p in range(n_det):
+        det_pos[det[p]] = p
+        det_rank[p] = rank[det[p]]
+    dptr, idet = group_by(img, det, n_img)
+    # Tied-score runs of the base list, once.
+    run_id = np.empty(n_det, dtype=np.int64)
+    run_start = np.empty(n_det, dtype=np.int64)
+    run_end = np.empty(n_det, dtype=np.int64)
+    run_s = np.empty(n_det, dtype=np.float64)
+    nr = 0
+    for p in range(n_det):
+        if p == 0 or s[det[p]] != s[det[p - 1]]:
+            run_start[nr] = p
+            run_s[nr] = s[det[p]]
+            nr += 1
+        run_id[p] = nr - 1
+        run_end[nr - 1] = p
+    runs = (run_start[:nr], run_end[:nr], run_s[:nr])
+
+    base = build_base(det, best, best_iou, gt_diff, thetas)
+    pool = make_pool(thetas.size, max(1, base[5].max()), POOL_BYTES)
+    gt = (best, best_iou, gt_diff)
+    edits = make_edits(n_det, n + 2)
+    counts = edits[4]
+    removed = edits[5]
+    scratch = make_scratch(16)
+    ctx = (base, pool, edits, gt, weights, thetas, scratch)
+    f0 = edited_ap(base, pool, edits, -1, 0, gt, weights, thetas, scratch)
+
+    cs = (np.zeros(n, dtype=np.bool_), np.zeros(n, dtype=np.int8),
+          np.empty(n + 1, dtype=np.int64), np.empty(n + 1, dtype=np.int64),
+          np.empty(n + 1, dtype=np.int64), np.empty(n + 1, dtype=np.int64))
+    chg = cs[1]
+    changed = cs[5]
+    seeds = np.empty(n + 1, dtype=np.int64)
+    t_min = thetas.min()
+    multi = thetas.size > 1
+
+    for i in range(n_grad):
+        si = s[i]
+        g = best[i]
+        tp_any = g >= 0 and not gt_diff[g] and best_iou[i] >= t_min
+        monotone = not (multi and tp_any)
+        if kept[i]:
+            # ---- i is a detection at base position q0.
+            q0 = det_pos[i]
+            edits[0][0] = q0
+            removed[q0] = True
+            counts[0] = 1
+            counts[1] = 0
+            r0 = run_id[q0]
+            up = 0.0
+            if tp_any:  # an FP or ignored detection moving up cannot raise the AP
+                r_max = r0 if run_start[r0] < q0 else r0 - 1
+                up = _walk(True, i, 0, r_max, monotone, f0, tol, mu, s, runs, ctx, stats)
+            # S_down: i removed (one suppression event; chg[i] = 2 marks it gone).
+            chg[i] = 2
+            n_seeds = 0
+            for e in range(ls_ptr[i], ls_ptr[i + 1]):
+                if base_cnt[ls_idx[e]] > 1:
+                    break
+                seeds[n_seeds] = ls_idx[e]
+                n_seeds += 1
+            n_chg, n_push = cascade(seeds, n_seeds, 1, -1, boxes, nu, rank, graph, base_cnt,
+                                    kept, cs)
+            b_sw = tau  # h': the highest-ranked neighbour kept once i is gone
+            for k in range(n_chg):
+                y = changed[k]
+                if chg[y] == 1 and iou(boxes, i, y) > nu:
+                    b_sw = s[y]
+                    break
+            if 8 * (n_chg + 3) > scratch[0].size:
+                scratch = make_scratch(n_chg + 1)
+                ctx = (base, pool, edits, gt, weights, thetas, scratch)
+            _load_changes(edits, 1, changed, n_chg, chg, det_pos, det_rank, rank)
+            f_down = edited_ap(base, pool, edits, -1, 0, gt, weights, thetas, scratch)
+            stats[0] += 1
+            _unload(edits, 1)
+            reset_after(cs, n_push, n_chg)
+            chg[i] = 0
+            # Down walk in the base state: runs scoring > b_sw below q0.
+            r_first = r0 if run_end[r0] > q0 else r0 + 1
+            lo = r_first - 1  # last run with run_s > b_sw: run_s is decreasing
+            hi = nr - 1
+            while lo < hi:
+                mid = (lo + hi + 1) >> 1
+                if run_s[mid] > b_sw:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            down = _walk(False, i, r_first, lo, monotone, f0, tol, mu, s, runs, ctx, stats)
+            removed[q0] = False
+            counts[0] = 0
+            if down == 0.0 and f_down > f0 + tol:
+                down = (f_down - f0) / (si - b_sw + mu)
+            grad[i] = _combine(up, down, rtol)
+        else:
+            # ---- i is not a detection: only moving up can change anything.
+            n_seeds = 0
+            b = img[i]
+            if nu < 1.0:
+                for j in range(dptr[b], dptr[b + 1]):
+                    d = idet[j]
+                    if iou(boxes, d, i) > nu:
+                        seeds[n_seeds] = d
+                        n_seeds += 1
+            if n_seeds == 0 and not tp_any:
+                # Enters at the bottom as an FP (an FP after the last TP changes no
+                # precision) and can only lose by moving further up.
+                continue
+            b_entry = s[seeds[0]] if n_seeds > 0 else tau
+            n_chg, n_push = cascade(seeds, n_seeds, 0, i, boxes, nu, rank, graph, base_cnt,
+                                    kept, cs)
+            if 8 * (n_chg + 3) > scratch[0].size:
+                scratch = make_scratch(n_chg + 1)
+                ctx = (base, pool, edits, gt, weights, thetas, scratch)
+            _load_changes(edits, 0, changed, n_chg, chg, det_pos, det_rank, rank)
+            reset_after(cs, n_push, n_chg)
+            # Entry: just above h's run (or at the bottom, past the threshold).
+            if n_seeds > 0:
+                r_entry = run_id[det_pos[seeds[0]]]
+                q_e = run_start[r_entry]
+            else:
+                r_entry = nr
+                q_e = n_det
+            v = edited_ap(base, pool, edits, i, q_e, gt, weights, thetas, scratch)
+            stats[0] += 1
+            if v > f0 + tol:
+                grad[i] = (v - f0) / (b_entry - si + mu)
+            elif tp_any:
+                grad[i] = _walk(True, i, 0, r_entry - 1, monotone, f0, tol, mu, s, runs, ctx,
+                                stats)
+            _unload(edits, 0)
+    stats[2] += pool[6][2]
+    stats[3] += pool[6][3]
+    return f0

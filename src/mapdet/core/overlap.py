@@ -1,0 +1,299 @@
+"""The NMS side of AP after NMS, compiled: IoU, greedy per-image NMS, the overlap graph and
+the event-driven cascade that recomputes keep/suppress decisions after a local change.
+
+Windows are integers ``0..N-1``; ``rank[w]`` is a candidate's place in the detection order
+(score descending, index ascending). Two candidates of the same image are *neighbours* when
+``IoU > nu``. Greedy NMS keeps a candidate iff no kept earlier neighbour exists.
+
+Why the cascade is exact (docs/method.md, section 5): after a local change (a window removed
+or a window placed above the others and kept), only windows whose decision may flip need to
+be re-decided, in rank order. A window with ``k`` kept earlier neighbours can only be
+released once all ``k`` are suppressed, so after the ``R``-th suppression only suppressed
+later neighbours with ``base_cnt <= R`` are visited.
+
+All functions are numba kernels (``nogil``: classes run in parallel threads).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+__all__ = ["cascade", "cascade_graph", "group_by", "iou", "later_neighbours", "nms_keep",
+           "reset_after"]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def iou(boxes, a, b):
+    """IoU of windows ``a`` and ``b`` of ``boxes (N, 4)`` xyxy (continuous convention)."""
+    ix1 = max(boxes[a, 0], boxes[b, 0])
+    iy1 = max(boxes[a, 1], boxes[b, 1])
+    ix2 = min(boxes[a, 2], boxes[b, 2])
+    iy2 = min(boxes[a, 3], boxes[b, 3])
+    iw = max(ix2 - ix1 + 0.0, 0.0)
+    ih = max(iy2 - iy1 + 0.0, 0.0)
+    inter = iw * ih
+    area_a = (boxes[a, 2] - boxes[a, 0] + 0.0) * (boxes[a, 3] - boxes[a, 1] + 0.0)
+    area_b = (boxes[b, 2] - boxes[b, 0] + 0.0) * (boxes[b, 3] - boxes[b, 1] + 0.0)
+    union = area_a + area_b - inter
+    if union > 0.0:
+        return inter / union
+    return 0.0
+
+
+@njit(cache=True, nogil=True)
+def group_by(key, items, n_keys):
+    """CSR grouping: ``items (K,)`` grouped by ``key[item]`` in ``0..n_keys-1``, stable.
+
+    Returns ``(ptr (n_keys+1,), out (K,))``: group ``b`` is ``out[ptr[b]:ptr[b+1]]``, in the
+    order the items came in."""
+    ptr = np.zeros(n_keys + 1, dtype=np.int64)
+    for k in range(items.size):
+        ptr[key[items[k]] + 1] += 1
+    for b in range(n_keys):
+        ptr[b + 1] += ptr[b]
+    fill = ptr[:-1].copy()
+    out = np.empty(items.size, dtype=np.int64)
+    for k in range(items.size):
+        b = key[items[k]]
+        out[fill[b]] = items[k]
+        fill[b] += 1
+    return ptr, out
+
+
+@njit(cache=True, nogil=True)
+def nms_keep(icand, iptr, boxes, nu, n):
+    """Greedy NMS per image; ``icand[iptr[b]:iptr[b+1]]`` are image ``b``'s candidates in
+    rank order. Returns ``kept (n,)`` bool."""
+    kept = np.zeros(n, dtype=np.bool_)
+    kept_list = np.empty(icand.size, dtype=np.int64)
+    for b in range(iptr.size - 1):
+        lo = iptr[b]
+        top = lo
+        for a in range(lo, iptr[b + 1]):
+            w = icand[a]
+            ok = True
+            if nu < 1.0:
+                for k in range(lo, top):
+                    if iou(boxes, kept_list[k], w) > nu:
+                        ok = False
+                        break
+            if ok:
+                kept[w] = True
+                kept_list[top] = w
+                top += 1
+    return kept
+
+
+@njit(cache=True, nogil=True)
+def _neighbour_pass(icand, iptr, need, boxes, nu, cnt, idx, fill):
+    """Visit every neighbour pair of the needed images once: count (``fill`` False) into
+    ``cnt[w + 1]`` or write (``fill`` True) at ``idx[cnt[w]]``, advancing ``cnt[w]``."""
+    for b in range(iptr.size - 1):
+        if not need[b]:
+            continue
+        for a in range(iptr[b], iptr[b + 1]):
+            wa = icand[a]
+            for c in range(a + 1, iptr[b + 1]):
+                wc = icand[c]
+                if iou(boxes, wa, wc) > nu:
+                    if fill:
+                        idx[cnt[wa]] = wc
+                        cnt[wa] += 1
+                    else:
+                        cnt[wa + 1] += 1
+
+
+@njit(cache=True, nogil=True)
+def later_neighbours(icand, iptr, need, boxes, nu, n):
+    """Overlap graph of the images with ``need[b]``: for each window its later neighbours
+    (same image, ``IoU > nu``) in rank order, as CSR ``(ptr (n+1,), idx (E,))``. Windows of
+    the other images get no edges (nothing is ever asked about them)."""
+    ptr = np.zeros(n + 1, dtype=np.int64)
+    idx = np.empty(0, dtype=np.int64)
+    if nu >= 1.0:
+        return ptr, idx
+    _neighbour_pass(icand, iptr, need, boxes, nu, ptr, idx, False)
+    for w in range(n):
+        ptr[w + 1] += ptr[w]
+    idx = np.empty(ptr[n], dtype=np.int64)
+    pos = ptr[:-1].copy()
+    _neighbour_pass(icand, iptr, need, boxes, nu, pos, idx, True)
+    return ptr, idx
+
+
+@njit(cache=True, nogil=True)
+def cascade_graph(nb_ptr, nb_idx, base_kept, base_cnt, n):
+    """The lists :func:`cascade` walks, as three CSR pairs in one tuple:
+    earlier neighbours of each window (those kept in the base state first), later neighbours
+    kept in the base state, later neighbours suppressed in the base state sorted by
+    ``base_cnt`` ascending."""
+    e_ptr = np.zeros(n + 1, dtype=np.int64)
+    lk_ptr = np.zeros(n + 1, dtype=np.int64)
+    ls_ptr = np.zeros(n + 1, dtype=np.int64)
+    for w in range(n):
+        for e in range(nb_ptr[w], nb_ptr[w + 1]):
+            y = nb_idx[e]
+            e_ptr[y + 1] += 1
+            if base_kept[y]:
+                lk_ptr[w + 1] += 1
+            else:
+                ls_ptr[w + 1] += 1
+    for w in range(n):
+        e_ptr[w + 1] += e_ptr[w]
+        lk_ptr[w + 1] += lk_ptr[w]
+        ls_ptr[w + 1] += ls_ptr[w]
+    e_idx = np.empty(e_ptr[n], dtype=np.int64)
+    lk_idx = np.empty(lk_ptr[n], dtype=np.int64)
+    ls_idx = np.empty(ls_ptr[n], dtype=np.int64)
+    e_pos = e_ptr[:-1].copy()
+    lk_pos = lk_ptr[:-1].copy()
+    ls_pos = ls_ptr[:-1].copy()
+    for kept_first in (True, False):
+        for w in range(n):
+            if base_kept[w] != kept_first:
+                continue
+            for e in range(nb_ptr[w], nb_ptr[w + 1]):
+                y = nb_idx[e]
+                e_idx[e_pos[y]] = w
+                e_pos[y] += 1
+    for w in range(n):
+        for e in range(nb_ptr[w], nb_ptr[w + 1]):
+            y = nb_idx[e]
+            if base_kept[y]:
+                lk_idx[lk_pos[w]] = y
+                lk_pos[w] += 1
+            else:
+                ls_idx[ls_pos[w]] = y
+                ls_pos[w] += 1
+    for w in range(n):
+        lo, hi = ls_ptr[w], ls_ptr[w + 1]
+        if hi - lo > 1:
+            seg = ls_idx[lo:hi].copy()
+            keys = np.empty(hi - lo, dtype=np.int64)
+            for k in range(hi - lo):
+                keys[k] = base_cnt[seg[k]]
+            perm = np.argsort(keys, kind="mergesort")
+            for k in range(hi - lo):
+                ls_idx[lo + k] = seg[perm[k]]
+    return (e_ptr, e_idx, lk_ptr, lk_idx, ls_ptr, ls_idx)
+
+
+@njit(cache=True, nogil=True)
+def _heap_push(hk, hv, size, key, val):
+    i = size
+    hk[i] = key
+    hv[i] = val
+    while i > 0:
+        p = (i - 1) >> 1
+        if hk[p] <= hk[i]:
+            break
+        hk[p], hk[i] = hk[i], hk[p]
+        hv[p], hv[i] = hv[i], hv[p]
+        i = p
+    return size + 1
+
+
+@njit(cache=True, nogil=True)
+def _heap_pop(hk, hv, size):
+    val = hv[0]
+    size -= 1
+    hk[0] = hk[size]
+    hv[0] = hv[size]
+    i = 0
+    while True:
+        lft = 2 * i + 1
+        if lft >= size:
+            break
+        c = lft
+        if lft + 1 < size and hk[lft + 1] < hk[lft]:
+            c = lft + 1
+        if hk[i] <= hk[c]:
+            break
+        hk[c], hk[i] = hk[i], hk[c]
+        hv[c], hv[i] = hv[i], hv[c]
+        i = c
+    return val, size
+
+
+@njit(cache=True, nogil=True)
+def cascade(seeds, n_seeds, n_events, extra, boxes, nu, rank, graph, base_cnt, base_kept, cs):
+    """Re-run NMS decisions event by event after a local change; return the changes.
+
+    Windows are processed in rank order; window ``y`` is kept iff it has no kept earlier
+    neighbour in the new state (``now_kept(x) = base_kept[x] != (chg[x] != 0)``), plus
+    ``extra`` when ``extra >= 0``: a window placed above every processed window and kept.
+    Only windows whose decision may flip are processed: the ``seeds``, the kept later
+    neighbours of a window that becomes kept, and, after the ``R``-th suppression event
+    (``n_events`` already happened), the suppressed later neighbours with ``base_cnt <= R``.
+
+    ``cs = (inq, chg, hk, hv, pushed, changed)`` is scratch. Returns ``(n_changed,
+    n_pushed)``; ``changed[:n_changed]`` (rank order) have ``chg = 1`` (now kept) or ``2``
+    (now suppressed). Clear with :func:`reset_after`.
+    """
+    (e_ptr, e_idx, lk_ptr, lk_idx, ls_ptr, ls_idx) = graph
+    (inq, chg, hk, hv, pushed, changed) = cs
+    size = 0
+    n_pushed = 0
+    for k in range(n_seeds):
+        x = seeds[k]
+        if not inq[x]:
+            inq[x] = True
+            pushed[n_pushed] = x
+            n_pushed += 1
+            size = _heap_push(hk, hv, size, rank[x], x)
+    n_changed = 0
+    events = n_events
+    while size > 0:
+        y, size = _heap_pop(hk, hv, size)
+        # Kept iff no kept earlier neighbour: those kept in the base state are the first
+        # base_cnt[y] of its earlier list; the others can only be kept now if this cascade
+        # released them, and those are in ``changed`` (all ranked above y).
+        now_kept = not (extra >= 0 and iou(boxes, extra, y) > nu)
+        if now_kept:
+            lo = e_ptr[y]
+            for e in range(lo, lo + base_cnt[y]):
+                if chg[e_idx[e]] != 2:
+                    now_kept = False
+                    break
+        if now_kept:
+            for k in range(n_changed):
+                x = changed[k]
+                if chg[x] == 1 and iou(boxes, x, y) > nu:
+                    now_kept = False
+                    break
+        if now_kept == base_kept[y]:
+            continue
+        chg[y] = 1 if now_kept else 2
+        changed[n_changed] = y
+        n_changed += 1
+        if now_kept:
+            lo, hi = lk_ptr[y], lk_ptr[y + 1]
+            targets = lk_idx
+        else:
+            events += 1
+            lo, hi = ls_ptr[y], ls_ptr[y + 1]
+            targets = ls_idx
+        for e in range(lo, hi):
+            z = targets[e]
+            if not now_kept and base_cnt[z] > events:
+                break  # sorted by base_cnt: the rest cannot be released yet
+            if z == extra or inq[z]:
+                continue
+            if not now_kept and extra >= 0 and iou(boxes, extra, z) > nu:
+                continue  # the extra window suppresses z whatever happens above it
+            inq[z] = True
+            pushed[n_pushed] = z
+            n_pushed += 1
+            size = _heap_push(hk, hv, size, rank[z], z)
+    return n_changed, n_pushed
+
+
+@njit(cache=True, nogil=True)
+def reset_after(cs, n_pushed, n_changed):
+    """Clear the scratch state ``cs`` touched by one :func:`cascade` call."""
+    (inq, chg, hk, hv, pushed, changed) = cs
+    for k in range(n_pushed):
+        inq[pushed[k]] = False
+    for k in range(n_changed):
+        chg[changed[k]] = 0

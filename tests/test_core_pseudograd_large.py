@@ -1,0 +1,50 @@
+"""The near-linear pseudo-gradient at sizes the brute force cannot reach, against the
+previous O(D)-per-query kernel (tests/linear_kernel.py), and the memory windows
+(``grad_rows``) against the brute force."""
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from linear_kernel import ap_pseudo_gradient_multiclass as linear_multiclass
+from strategies import detection_instances
+
+from mapdet.core.apnms import ap_pseudo_gradient_multiclass
+from mapdet.core.reference import ap_pseudo_gradient_reference
+from mapdet.core.synthetic import proposal_like_outputs
+
+COCO = tuple(np.round(np.linspace(0.5, 0.95, 10), 2))
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from([0.5, (0.5, 0.75), COCO]),
+       st.sampled_from(["area", "voc07", "r101"]), st.sampled_from([None, 150]),
+       st.sampled_from([2, 3]))
+def test_equals_linear_kernel_on_proposal_workloads(seed, match_iou, ap_method, grad_rows,
+                                                     decimals):
+    o = proposal_like_outputs(num_images=4, windows_per_image=120, num_classes=2,
+                              objects_per_image=(1, 4), seed=seed)
+    probs = np.round(o.probs, decimals)  # ties
+    args = (probs, o.boxes, o.image_ids, o.gt_boxes, o.gt_labels, o.gt_image_ids,
+            o.gt_difficult)
+    kw = dict(match_iou=match_iou, ap_method=ap_method, grad_rows=grad_rows, num_threads=1)
+    aps, g = ap_pseudo_gradient_multiclass(*args, **kw)
+    aps_l, g_l = linear_multiclass(*args, **kw)
+    np.testing.assert_allclose(aps, aps_l, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(g, g_l, rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(detection_instances(max_windows=14), st.integers(0, 14))
+def test_memory_windows_get_no_gradient_and_change_nothing_else(inst, k):
+    n = len(inst["scores"])
+    k = min(k, n)
+    labels = np.zeros(len(inst["gt_boxes"]), dtype=np.int64)
+    aps, g = ap_pseudo_gradient_multiclass(
+        np.asarray(inst["scores"])[:, None], inst["boxes"], inst["image_ids"], inst["gt_boxes"],
+        labels, inst["gt_image_ids"], inst["gt_difficult"],
+        score_threshold=inst["score_threshold"], nms_iou=inst["nms_iou"],
+        match_iou=inst["match_iou"], ap_method=inst["ap_method"], grad_rows=k, num_threads=1)
+    ap_ref, g_ref = ap_pseudo_gradient_reference(**inst)
+    assert (np.isnan(ap_ref) and np.isnan(aps[0])) or abs(aps[0] - ap_ref) < 1e-9
+    np.testing.assert_allclose(g[:k, 0], g_ref[:k], rtol=0, atol=1e-9)
+    assert not g[k:, 0].any()
