@@ -176,8 +176,6 @@ def _crash_after(n):
 @pytest.mark.parametrize("loss", ["softmax", "map", "map_memory"])
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, tiny, loss):
     extra = [f"train.loss={loss}"]
-    if loss.startswith("map"):
-        pytest.importorskip("mapdet.loss")
     if loss == "map_memory":  # the AP memory of past minibatches is part of the state
         extra = ["train.loss=map", "loss.memory=2"]
     cfg = load_config(CONFIGS / "digits.yaml", [*tiny, *extra])

@@ -20,7 +20,6 @@ def test_embedded_config_matches_configs_digits_yaml():
 
 @pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path, capsys):
-    pytest.importorskip("mapdet.loss")
     from mapdet.cli import main
 
     out = tmp_path / "demo"

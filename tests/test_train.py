@@ -36,8 +36,6 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.parametrize("loss", ["softmax", "map"])
 def test_train_and_eval_end_to_end(tmp_path, tiny, loss):
-    if loss == "map":
-        pytest.importorskip("mapdet.loss")
     cfg = load_config(CONFIGS / "digits.yaml", [*tiny, f"train.loss={loss}"])
     result = train(cfg, out=tmp_path / loss, progress=False)
     run = tmp_path / loss
@@ -69,7 +67,6 @@ def test_train_and_eval_end_to_end(tmp_path, tiny, loss):
 
 
 def test_map_training_from_a_softmax_checkpoint(tmp_path, tiny):
-    pytest.importorskip("mapdet.loss")
     base = train(load_config(CONFIGS / "digits.yaml", tiny), out=tmp_path / "base",
                  progress=False)
     cfg = load_config(CONFIGS / "digits.yaml",
