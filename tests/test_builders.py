@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from owndata import CLASSES, write_own_voc
 
 from mapdet.config import ConfigError, load_config
 from mapdet.engine import builders
-from owndata import CLASSES, write_own_voc
 
 
 @pytest.fixture(scope="module")

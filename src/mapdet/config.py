@@ -68,8 +68,9 @@ class DataConfig:
     classes); an object of another class is an error naming this key, or is dropped when
     ``skip_unknown`` is true. COCO data sets take their classes from the JSON file and the
     digits benchmark has its own, so ``classes`` must stay null for them. ``digits`` holds
-    the parameters of :func:`mapdet.data.digits.write_digits_voc` (``num_train``, ``num_test``, ``image_size``,
-    ``seed``, ...; empty: its defaults); override one with ``data.digits.num_train=100``.
+    the parameters of :func:`mapdet.data.digits.write_digits_voc` (``num_train``,
+    ``num_test``, ``image_size``, ``seed``, ...; empty: its defaults); override one with
+    ``data.digits.num_train=100``.
     Images are resized so that the shorter side is ``scale`` and the longer at most
     ``max_size``.
     """
