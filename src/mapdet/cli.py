@@ -68,7 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--out", type=Path, help="run directory")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
-                   help="continue from CKPT, or from the latest checkpoint of --out")
+                   help="continue from CKPT, or from the latest checkpoint of --out (the "
+                   "run's settings are kept: overrides that would change it are refused)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train into a non-empty --out, deleting the earlier run's outputs "
+                   "there (without it, a non-empty --out is refused)")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     _add_common(p)
 
@@ -97,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "detect", help="detect objects in images and draw them",
         description="Run a trained detector on image files; proposals are computed with the "
-        "checkpoint's proposal method; boxes are drawn to <out>/<name>.png and listed in "
-        "<out>/detections.json.",
+        "checkpoint's proposal method; boxes are drawn to <out>/<stem>.png (img_2.png etc. when "
+        "two images share a name) and listed in <out>/detections.json.",
     )
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
@@ -139,12 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args) -> int:
-    from mapdet.config import load_config
+    from mapdet.config import ConfigError, load_config
     from mapdet.engine.evaluate import evaluate_checkpoint
     from mapdet.engine.train import train
 
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg, out=args.out, resume=args.resume, progress=not args.no_progress)
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; give one")
+    result = train(cfg, out=args.out, resume=args.resume, progress=not args.no_progress,
+                   overwrite=args.overwrite)
     print(f"checkpoint: {result.checkpoint}")
     print(f"{result.sec_per_iter:.3f} s/iteration")
     if not args.no_eval and result.checkpoint is not None:

@@ -242,7 +242,7 @@ def run_demo(
 
     t0 = time.perf_counter()
     log.info("demo: training the softmax baseline (%d iterations)", cfg.train.iterations)
-    baseline = train(cfg, out=out / "baseline", progress=progress)
+    baseline = train(cfg, out=out / "baseline", progress=progress, overwrite=True)
     timings["baseline_train"] = time.perf_counter() - t0
 
     runs = {}
@@ -257,7 +257,7 @@ def run_demo(
         t0 = time.perf_counter()
         log.info("demo: continuing from the baseline with the %s loss (%d iterations)", loss,
                  plan.finetune_iterations)
-        runs[loss] = train(ft, out=out / loss, progress=progress)
+        runs[loss] = train(ft, out=out / loss, progress=progress, overwrite=True)
         timings[f"{loss}_train"] = time.perf_counter() - t0
 
     reports: dict[str, EvalReport] = {}

@@ -47,6 +47,7 @@ __all__ = [
     "evaluate_checkpoint",
     "evaluate_model",
     "model_from_checkpoint",
+    "output_names",
     "run_inference",
     "score_result_files",
 ]
@@ -424,10 +425,34 @@ def score_result_files(voc_root: str | Path, results_dir: str | Path, *, year: s
     return report
 
 
+def output_names(paths: Sequence[str | Path]) -> list[str]:
+    """One distinct picture name per input image: the file's stem, and for stems given more
+    than once (``a/img.jpg b/img.jpg``) the stem with a counter (``img``, ``img_2``), never
+    equal to another input's name."""
+    stems = [Path(p).stem for p in paths]
+    taken = set(stems)
+    seen: dict[str, int] = {}
+    names = []
+    for stem in stems:
+        k = seen.get(stem, 0) + 1
+        seen[stem] = k
+        name = stem
+        if k > 1:
+            name = f"{stem}_{k}"
+            while name in taken:
+                k += 1
+                name = f"{stem}_{k}"
+            seen[stem] = k
+            taken.add(name)
+        names.append(name)
+    return names
+
+
 def detect_images(images: Sequence[str | Path], checkpoint: str | Path, *,
                   out: str | Path = "detections", draw_threshold: float = 0.5) -> list[Path]:
-    """Detect objects in image files with a checkpoint; draw them to ``<out>/<stem>.png``
-    and list them in ``<out>/detections.json``. Returns the files written."""
+    """Detect objects in image files with a checkpoint; draw them to ``<out>/<name>.png``
+    (the file's stem, made distinct by :func:`output_names` when two inputs share it) and
+    list them in ``<out>/detections.json``. Returns the files written."""
     from mapdet.data.base import DetectionDataset, ImageRecord, image_size
 
     model, cfg, state = model_from_checkpoint(checkpoint)
@@ -445,18 +470,19 @@ def detect_images(images: Sequence[str | Path], checkpoint: str | Path, *,
     out.mkdir(parents=True, exist_ok=True)
     written = []
     listing = {}
-    for rec in dataset.records:
+    for rec, name in zip(dataset.records, output_names([r.path for r in dataset.records]),
+                         strict=True):
         det = detections[rec.image_id]
         keep = det["scores"] >= draw_threshold
-        path = draw_detection_grid(dataset, {rec.image_id: det},
-                                   out / f"{Path(rec.path).stem}.png",
+        path = draw_detection_grid(dataset, {rec.image_id: det}, out / f"{name}.png",
                                    score_threshold=draw_threshold, min_side=0)
         written.append(path)
         listing[str(rec.path)] = [
             {"class": names[int(lab)], "score": float(s), "box": [float(v) for v in b]}
             for b, s, lab in zip(det["boxes"][keep], det["scores"][keep], det["labels"][keep],
                                  strict=True)]
-    js = out / "detections.json"
-    js.write_text(json.dumps(listing, indent=2) + "\n")
+    from mapdet.io import atomic_write_text
+
+    js = atomic_write_text(out / "detections.json", json.dumps(listing, indent=2) + "\n")
     written.append(js)
     return written

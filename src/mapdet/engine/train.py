@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from mapdet.config import Config, config_from_dict
+from mapdet.config import Config, ConfigError, config_from_dict
 from mapdet.engine import checkpoint as ckpt
 from mapdet.engine.builders import (
     build_criterion,
@@ -50,6 +50,7 @@ from mapdet.engine.builders import (
 from mapdet.engine.data_loading import make_train_loader
 from mapdet.engine.distributed import DistEnv, RankOrder, barrier, init_distributed
 from mapdet.engine.logger import MetricsLogger, add_file_handler
+from mapdet.engine.run_dir import RESUME_FREE_KEYS, RunDirectory, resume_differences
 from mapdet.engine.schedule import DataOrder
 from mapdet.engine.seeding import get_rng_state, seed_everything, set_deterministic, set_rng_state
 from mapdet.engine.steps import map_loss, softmax_loss
@@ -123,13 +124,32 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config):
 
 
 def make_run_dir(cfg: Config, out: str | Path | None = None) -> Path:
-    """``out`` if given, else ``<output.dir>/<output.name or timestamp>``; created."""
+    """``out`` if given, else ``<output.dir>/<output.name or timestamp>`` (not created: see
+    :class:`~mapdet.engine.run_dir.RunDirectory`)."""
     if out is None:
         name = cfg.output.name or datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{cfg.train.loss}"
         out = Path(cfg.output.dir) / name
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    return Path(out)
+
+
+def _resumed_config(cfg: Config, saved: Config, checkpoint: str | Path) -> Config:
+    """The checkpoint's configuration, with the keys of ``cfg`` that may change on resume
+    (:data:`~mapdet.engine.run_dir.RESUME_FREE_KEYS`: length, logging, workers, output,
+    evaluation). Any other difference would silently change the run: a ConfigError names
+    each one."""
+    diffs = resume_differences(cfg.to_dict(), saved.to_dict())
+    if diffs:
+        listed = "; ".join(f"{k}={g!r} (the run has {s!r})" for k, g, s in diffs)
+        raise ConfigError(
+            f"--resume continues the run of {checkpoint} as it was configured, but these "
+            f"settings differ and would change it: {listed}. Drop them (or use the run's own "
+            "config.yaml), or start a new run with train.init_from=CHECKPOINT")
+    given, out = cfg.to_dict(), saved.to_dict()
+    for section, values in given.items():
+        for key, value in values.items():
+            if section in RESUME_FREE_KEYS or f"{section}.{key}" in RESUME_FREE_KEYS:
+                out[section][key] = value
+    return config_from_dict(out)
 
 
 def _state(model, optimizer, scheduler, cfg: Config, iteration: int, order: DataOrder,
@@ -218,6 +238,7 @@ def train(
     resume: str | Path | bool | None = None,
     callbacks: list[Callable[[int, dict[str, float]], None]] | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train a Fast R-CNN model as configured and return where its checkpoint is.
 
@@ -226,15 +247,21 @@ def train(
         out: the run directory (default ``<output.dir>/<output.name or timestamp>``).
         resume: ``True``: continue from the latest checkpoint in ``out``; a path: continue
             from that checkpoint (its run directory becomes ``out`` unless given). The
-            checkpoint's configuration is used, except ``train.iterations`` and the output
-            options of ``cfg``, which may be raised to train longer.
+            checkpoint's configuration is used; ``cfg`` may differ from it only in
+            :data:`~mapdet.engine.run_dir.RESUME_FREE_KEYS` (e.g. a larger
+            ``train.iterations`` to train longer): any other difference is a ConfigError
+            naming each key.
         callbacks: called as ``fn(iteration, stats)`` after every iteration (1-based count of
             finished iterations); an exception raised there stops training (tests use it to
             simulate a crash).
         progress: show a tqdm progress bar.
+        overwrite: accept a non-empty ``out`` without ``resume``, deleting the earlier
+            run's outputs there (see :class:`~mapdet.engine.run_dir.RunDirectory`, which
+            also locks the directory against a second concurrent run).
 
     Raises:
         TrainingDiverged: a non-finite loss.
+        RunDirError: ``out`` is not empty (without ``resume``/``overwrite``) or is locked.
         CheckpointError, ConfigError, FileNotFoundError, ...: bad input, naming the file/key.
     """
     resume_state = None
@@ -250,18 +277,19 @@ def train(
         if out is None:
             p = Path(resume_state["path"]).resolve().parent
             out = p.parent if p.name == "checkpoints" else p
-        saved = config_from_dict(resume_state["config"])
-        saved.train.iterations = cfg.train.iterations
-        saved.output = cfg.output
-        cfg = saved
+        cfg = _resumed_config(cfg, config_from_dict(resume_state["config"]),
+                              resume_state["path"])
 
     run_dir = make_run_dir(cfg, out)
-    handler = add_file_handler(run_dir / "train.log")
-    try:
-        return _train(cfg, run_dir, resume_state, callbacks or [], progress)
-    finally:
-        logging.getLogger("mapdet").removeHandler(handler)
-        handler.close()
+    with RunDirectory(run_dir, resume=resume_state is not None, overwrite=overwrite) as rd:
+        # Only rank 0 writes into the run directory (the other ranks log to stderr).
+        handler = add_file_handler(run_dir / "train.log") if rd.main else None
+        try:
+            return _train(cfg, run_dir, resume_state, callbacks or [], progress)
+        finally:
+            if handler is not None:
+                logging.getLogger("mapdet").removeHandler(handler)
+                handler.close()
 
 
 def _train(cfg: Config, run_dir: Path, resume_state, callbacks, progress: bool) -> TrainResult:
