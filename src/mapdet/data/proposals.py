@@ -712,6 +712,9 @@ def _compute_index(dataset: Any, index: int, method: str, params: Mapping) -> np
     image_id = dataset.records[index].image_id
     try:
         image = dataset.load_image(index)
+    except OSError as exc:  # missing, truncated, not an image: bad input, named in one line
+        raise OSError(f"proposals for image {image_id!r}: {exc}") from None
+    try:
         boxes = compute_image_proposals(image, method, params)
     except Exception as exc:
         raise RuntimeError(f"proposals for image {image_id!r} (index {index}): {exc}") from exc

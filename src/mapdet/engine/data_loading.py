@@ -132,6 +132,31 @@ class _Iterations:
         return max(0, self.stop - self.start)
 
 
+def _batches(loader: DataLoader) -> Iterator[Batch]:
+    """Iterate ``loader``; an error raised in a worker process comes back as the same
+    exception type with its original one-line message (torch re-raises it with the
+    worker's whole traceback in the message, which would not fit a one-line CLI error)."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except Exception as exc:
+            text = str(exc)
+            if "Original Traceback" not in text:
+                raise
+            last = [line for line in text.strip().splitlines() if line.strip()][-1]
+            prefix = f"{type(exc).__name__}: "
+            message = last[len(prefix):] if last.startswith(prefix) else last
+            try:
+                clean = type(exc)(f"{message} (in data loader worker)")
+            except Exception:  # an exception type that does not take one message
+                raise exc from None
+            raise clean from None
+        yield batch
+
+
 def _loader(images: ImageLoader, batch_sampler, num_workers: int) -> DataLoader:
     # Its own generator: a DataLoader iterator otherwise draws its base seed from the global
     # torch RNG, which would shift the dropout stream of a resumed run.
@@ -146,7 +171,7 @@ def make_train_loader(dataset, proposals, cfg: Config, order: DataOrder, start: 
     """Batches of iterations ``start .. stop-1`` in the order of ``order``, on ``device``."""
     images = ImageLoader(dataset, proposals, cfg.data.scale, cfg.data.max_size)
     loader = _loader(images, _Iterations(order, start, stop), cfg.data.num_workers)
-    for batch in loader:
+    for batch in _batches(loader):
         yield batch.to(device) if device is not None else batch
 
 
@@ -156,5 +181,5 @@ def make_eval_loader(dataset, proposals, cfg: Config, indices: Sequence[int] | N
     images = ImageLoader(dataset, proposals, cfg.data.scale, cfg.data.max_size)
     idx = range(len(dataset)) if indices is None else indices
     loader = _loader(images, [[(int(i), False)] for i in idx], cfg.data.num_workers)
-    for batch in loader:
+    for batch in _batches(loader):
         yield batch.to(device) if device is not None else batch
