@@ -508,7 +508,7 @@ def test_worker_error_names_the_image(monkeypatch):
                 raise OSError("cannot read image file /x/img0002.jpg")
             return super().load_image(i)
 
-    with pytest.raises(RuntimeError, match=r"'img0002'.*cannot read image file"):
+    with pytest.raises(OSError, match=r"'img0002'.*cannot read image file"):
         run_fake(Broken(4), None, Counter(), monkeypatch)
 
 

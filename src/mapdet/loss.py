@@ -87,9 +87,28 @@ class Windows:
 
 
 def _to_numpy(name: str, value, dtype) -> np.ndarray:
+    """``value`` (tensor, array or list) as a numpy array of ``dtype``. Reduced-precision
+    tensors numpy cannot hold (bfloat16) are converted through float32; for an integer
+    ``dtype`` the values must already be integers (a float id or label would be truncated
+    silently): ValueError naming ``name`` otherwise."""
     if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        if value.is_floating_point() and value.dtype not in (torch.float16, torch.float32,
+                                                             torch.float64):
+            value = value.float()  # bfloat16, float8: numpy has no such type
+        value = value.numpy()
+    if np.issubdtype(np.dtype(dtype), np.integer):
+        arr = np.asarray(value)
+        if arr.size and not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
+            raise ValueError(f"{name} must be integers, got dtype {arr.dtype}")
     return np.asarray(value, dtype=dtype)
+
+
+def _check_iou(name: str, value) -> None:
+    """``value``: one IoU threshold or a sequence of them, each in (0, 1]."""
+    v = np.atleast_1d(np.asarray(value, dtype=np.float64))
+    if v.size and not np.all((v > 0) & (v <= 1)):
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
 
 
 def windows_from_tensors(probs, boxes, image_ids, targets) -> Windows:
@@ -194,6 +213,8 @@ class MAPLoss(nn.Module):
         super().__init__()
         check_ap_method(ap_method)
         match_thresholds(match_iou)
+        _check_iou("nms_iou", nms_iou)
+        _check_iou("match_iou", match_iou)
         check_min_step(min_step)
         if form not in LOSS_FORMS:
             raise ValueError(f"form must be one of {list(LOSS_FORMS)}, got {form!r}")
@@ -248,6 +269,12 @@ class MAPLoss(nn.Module):
             local, rank_slices, world = _gather_windows(current)
         context = local
         if self.memory and self._memory:
+            k_old = self._memory[0].probs.shape[1]
+            if k_old != local.probs.shape[1]:
+                raise ValueError(
+                    f"MAPLoss(memory={self.memory}): probs has K = {local.probs.shape[1]} "
+                    f"classes but the stored minibatches have K = {k_old}; call "
+                    "reset_memory() when the number of classes changes")
             context = Windows.concat([local, *self._memory])
         aps, grads = ap_pseudo_gradient_multiclass(
             context.probs, context.boxes, context.image_ids, context.gt_boxes,
