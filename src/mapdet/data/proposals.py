@@ -51,10 +51,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from mapdet.core.boxes import box_iou, check_finite
 from mapdet.io import atomic_file
+from mapdet.progress import progress_bar
 
 __all__ = [
     "DEFAULT_MIN_SIZE",
@@ -766,10 +766,10 @@ def _compute_missing(
     if not todo:
         return
     pending: list[int] = []
-    bar = tqdm(
+    bar = progress_bar(
         total=len(ids),
         initial=len(ids) - len(todo),
-        disable=not progress,
+        enabled=progress,
         unit="img",
         desc=f"proposals ({method})",
     )

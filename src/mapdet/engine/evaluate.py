@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from mapdet.config import Config, ConfigError, apply_overrides, config_from_dict, load_config
 from mapdet.engine import checkpoint as ckpt
@@ -40,6 +39,7 @@ from mapdet.engine.builders import (
 )
 from mapdet.engine.data_loading import Batch, make_eval_loader
 from mapdet.engine.distributed import current_env, gather_dicts, init_distributed
+from mapdet.progress import progress_bar
 
 __all__ = [
     "EvalReport",
@@ -116,8 +116,8 @@ def run_inference(
     t0 = time.perf_counter()
     try:
         loader = make_eval_loader(dataset, proposals, cfg, indices, device)
-        for batch in tqdm(loader, total=n, disable=not progress, desc="eval", leave=False,
-                          dynamic_ncols=True):
+        for batch in progress_bar(loader, enabled=progress, total=n, desc="eval",
+                                  leave=False, dynamic_ncols=True):
             for s, d in zip(batch.samples, detect_batch(model, batch, cfg), strict=True):
                 dets[s.image_id] = d
     finally:

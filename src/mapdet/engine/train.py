@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from mapdet.config import Config, ConfigError, config_from_dict
 from mapdet.engine import checkpoint as ckpt
@@ -54,6 +53,7 @@ from mapdet.engine.run_dir import RESUME_FREE_KEYS, RunDirectory, resume_differe
 from mapdet.engine.schedule import DataOrder
 from mapdet.engine.seeding import get_rng_state, seed_everything, set_deterministic, set_rng_state
 from mapdet.engine.steps import map_loss, softmax_loss
+from mapdet.progress import progress_bar
 
 __all__ = ["TrainResult", "TrainingDiverged", "build_optimizer", "build_scheduler", "train"]
 
@@ -345,9 +345,8 @@ def _train(cfg: Config, run_dir: Path, resume_state, callbacks, progress: bool) 
     stats: dict[str, float] = {}
     model.train()
     loader = make_train_loader(dataset, proposals, cfg, rank_order, start, t.iterations, device)
-    bar = tqdm(total=t.iterations, initial=start, disable=not (progress and env.is_main),
-               dynamic_ncols=True,
-               desc=f"train[{t.loss}]", leave=False)
+    bar = progress_bar(total=t.iterations, initial=start, enabled=progress and env.is_main,
+                       dynamic_ncols=True, desc=f"train[{t.loss}]", leave=False)
     step_times: list[float] = []
     try:
         for it, batch in zip(range(start, t.iterations), loader, strict=False):
