@@ -350,7 +350,7 @@ def test_from_file_cleans_boxes(tmp_path):
 
 
 def run_fake(ds, cache_dir, counter, monkeypatch, **kw):
-    monkeypatch.setattr(P, "compute_image_proposals", counter)
+    monkeypatch.setattr(P.workers, "compute_image_proposals", counter)
     kw.setdefault("num_workers", 0)
     kw.setdefault("chunk_size", 5)
     return P.load_or_compute_proposals(ds, cache_dir=cache_dir, progress=False, **kw)
@@ -425,7 +425,7 @@ def _killed_run(cache_dir: str) -> None:
             os._exit(3)
         return fake_proposals(image)
 
-    P.compute_image_proposals = compute
+    P.workers.compute_image_proposals = compute
     P.load_or_compute_proposals(
         FakeDataset(23), cache_dir=cache_dir, num_workers=0, chunk_size=5, progress=False
     )
@@ -469,7 +469,7 @@ def test_corrupt_chunk_is_recomputed_with_warning(tmp_path, monkeypatch, caplog,
         i = data.index(b"\x00\x00\x80\x3f")  # a float32 1.0 of the boxes
         chunk.write_bytes(data[:i] + b"\x01" + data[i + 1 :])
     else:  # a well-formed chunk whose image ids are not this data set's
-        P._write_chunk(parts, [5, 6], ["zz"] * 10, {"zz": np.zeros((1, 4), np.float32)})
+        P.cache._write_chunk(parts, [5, 6], ["zz"] * 10, {"zz": np.zeros((1, 4), np.float32)})
     ds = FakeDataset(15)
     resumed = Counter()
     with caplog.at_level(logging.WARNING, logger="mapdet.data.proposals"):
