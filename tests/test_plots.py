@@ -73,3 +73,37 @@ def test_class_colors_are_distinct():
     for k in (3, 20, 30):
         colors = class_colors(k)
         assert len(colors) == k and len(set(colors)) == k
+
+
+def test_render_detections_draws_into_an_array():
+    from mapdet.evaluation.plots import render_detections
+
+    image = np.full((60, 80, 3), 128, np.uint8)
+    dets = {"boxes": np.array([[10.0, 10.0, 50.0, 40.0]]), "scores": np.array([0.9]),
+            "labels": np.array([1])}
+    out = render_detections(image, dets, CLASSES, score_threshold=0.5)
+    assert out.shape == (60, 80, 3) and out.dtype == np.uint8
+    assert (out != 128).any(axis=2)[38:42, 20:40].any()  # the box's bottom edge is drawn
+    blank = render_detections(image, dets, CLASSES, score_threshold=0.95)  # below threshold
+    assert (np.abs(blank.astype(int) - 128) <= 1).all()
+
+
+def test_tile_images_and_detection_grid(tmp_path):
+    from owndata import write_own_voc
+
+    from mapdet.data.voc import VOCDataset
+    from mapdet.evaluation.plots import detection_grid, draw_detection_grid, tile_images
+
+    grid = tile_images([np.zeros((10, 20, 3), np.uint8), np.zeros((12, 8, 3), np.uint8),
+                        np.zeros((5, 5, 3), np.uint8)], columns=2)
+    assert grid.shape == (24, 40, 3) and grid[23, 39].tolist() == [255, 255, 255]
+    with pytest.raises(ValueError, match="no images"):
+        tile_images([])
+    root = write_own_voc(tmp_path / "d", num_train=3, num_test=0, size=48)
+    ds = VOCDataset(root, split="trainval", class_names=("crack", "pothole"))
+    dets = {r.image_id: {"boxes": r.boxes, "scores": np.ones(len(r.boxes)),
+                         "labels": r.labels} for r in ds.records}
+    arr = detection_grid(ds, dets, min_side=96, columns=2)
+    assert arr.shape == (2 * 96, 2 * 96, 3)
+    path = draw_detection_grid(ds, dets, tmp_path / "grid.png", min_side=96)
+    assert open_png(path).size == (192, 192)

@@ -234,7 +234,7 @@ def write_outputs(report: EvalReport, dataset, detections: Detections, cfg: Conf
 def _plots(report: EvalReport, dataset, detections: Detections, cfg: Config,
            out_dir: Path) -> None:
     """PR curves (``pr_curves.png``) and sample detections (``detections.png``)."""
-    from mapdet.evaluation.plots import plot_pr_curves
+    from mapdet.evaluation.plots import draw_detection_grid, plot_pr_curves
 
     res = report.results[report.metric]
     plot_pr_curves(res.curves, out_dir / "pr_curves.png",
@@ -244,47 +244,6 @@ def _plots(report: EvalReport, dataset, detections: Detections, cfg: Config,
     if ids:
         draw_detection_grid(dataset, {i: detections[i] for i in ids}, out_dir / "detections.png",
                             score_threshold=cfg.eval.vis_threshold)
-
-
-def draw_detection_grid(dataset, detections: Detections, path: Path, *,
-                        score_threshold: float = 0.5, min_side: int = 320,
-                        columns: int = 2) -> Path:
-    """Draw the detections (and dashed ground truth) of a few images of ``dataset`` and tile
-    them into one PNG; small images are upscaled to ``min_side`` pixels for legibility."""
-    import tempfile
-
-    import cv2
-    from PIL import Image
-
-    from mapdet.evaluation.plots import draw_detections
-
-    tiles = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for k, (image_id, det) in enumerate(detections.items()):
-            i = dataset.index_of(image_id)
-            image = dataset.load_image(i)
-            f = max(1.0, min_side / min(image.shape[:2]))
-            if f > 1.0:
-                image = cv2.resize(image, None, fx=f, fy=f, interpolation=cv2.INTER_LINEAR)
-            rec = dataset.records[i]
-            gt = {"boxes": rec.boxes * f, "labels": rec.labels}
-            scaled = {"boxes": det["boxes"] * f, "scores": det["scores"], "labels": det["labels"]}
-            p = draw_detections(image, scaled, dataset.class_names, Path(tmp) / f"{k}.png", gt=gt,
-                                score_threshold=score_threshold)
-            with Image.open(p) as im:
-                tiles.append(im.convert("RGB"))
-    if not tiles:
-        raise ValueError("draw_detection_grid: no images")
-    cols = min(columns, len(tiles))
-    rows = -(-len(tiles) // cols)
-    tw = max(t.width for t in tiles)
-    th = max(t.height for t in tiles)
-    grid = Image.new("RGB", (cols * tw, rows * th), "white")
-    for k, t in enumerate(tiles):
-        grid.paste(t, ((k % cols) * tw, (k // cols) * th))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    return path
 
 
 def evaluate_model(
@@ -454,6 +413,7 @@ def detect_images(images: Sequence[str | Path], checkpoint: str | Path, *,
     (the file's stem, made distinct by :func:`output_names` when two inputs share it) and
     list them in ``<out>/detections.json``. Returns the files written."""
     from mapdet.data.base import DetectionDataset, ImageRecord, image_size
+    from mapdet.evaluation.plots import draw_detection_grid
 
     model, cfg, state = model_from_checkpoint(checkpoint)
     names = tuple(state.get("class_names") or [f"class{i}" for i in range(model.num_classes)])

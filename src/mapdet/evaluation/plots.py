@@ -17,7 +17,16 @@ import numpy as np
 
 from mapdet.io import atomic_write_bytes
 
-__all__ = ["class_colors", "draw_detections", "plot_pr_curves"]
+__all__ = [
+    "class_colors",
+    "detection_grid",
+    "draw_detection_grid",
+    "draw_detections",
+    "plot_pr_curves",
+    "render_detections",
+    "save_png",
+    "tile_images",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -109,34 +118,31 @@ def _as_arrays(dets, keys: Sequence[str]) -> list[np.ndarray]:
     return out
 
 
-def draw_detections(
+def render_detections(
     image_rgb: np.ndarray,
     detections: Mapping,
     class_names: Sequence[str],
-    path: str | Path,
     gt=None,
     score_threshold: float = 0.5,
     *,
     dpi: int = 100,
-) -> Path:
-    """Draw detections (and optionally the ground truth) on an image; write a PNG.
+) -> np.ndarray:
+    """Draw detections (and optionally the ground truth) on an image, into an array.
 
     Args:
         image_rgb: ``(H, W, 3)`` uint8 RGB.
         detections: ``{"boxes" (D, 4) continuous xyxy, "scores" (D,), "labels" (D,) in
             0..K-1}`` (numpy arrays, or anything ``np.asarray`` takes).
         class_names: the ``K`` class names.
-        path: the PNG file; it has the image's size, ``W x H`` pixels.
         gt: optional ground truth drawn as dashed white boxes: a mapping with ``"boxes"`` and
             ``"labels"``, or an :class:`~mapdet.data.base.ImageRecord`.
         score_threshold: detections scoring below it are not drawn.
         dpi: sets the size of the text relative to the image.
 
     Returns:
-        ``path``.
+        ``(H, W, 3)`` uint8 RGB, the image's own size.
     """
     from matplotlib.patches import Rectangle
-    from PIL import Image
 
     image = np.asarray(image_rgb)
     if image.ndim != 3 or image.shape[2] != 3:
@@ -172,6 +178,87 @@ def draw_detections(
                 bbox={"facecolor": color, "edgecolor": "none", "pad": 1.5, "alpha": 0.85})
     canvas.draw()
     rgba = np.asarray(canvas.buffer_rgba())
+    return np.ascontiguousarray(rgba[:h, :w, :3])
+
+
+def save_png(image_rgb: np.ndarray, path: str | Path) -> Path:
+    """Write an ``(H, W, 3)`` uint8 RGB array as a PNG, atomically; returns ``path``."""
+    from PIL import Image
+
     buf = io.BytesIO()
-    Image.fromarray(rgba[:h, :w, :3]).save(buf, format="PNG")
+    Image.fromarray(np.asarray(image_rgb, dtype=np.uint8)).save(buf, format="PNG")
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def draw_detections(
+    image_rgb: np.ndarray,
+    detections: Mapping,
+    class_names: Sequence[str],
+    path: str | Path,
+    gt=None,
+    score_threshold: float = 0.5,
+    *,
+    dpi: int = 100,
+) -> Path:
+    """:func:`render_detections` written to the PNG ``path`` (``W x H`` pixels); returns it."""
+    return save_png(render_detections(image_rgb, detections, class_names, gt=gt,
+                                      score_threshold=score_threshold, dpi=dpi), path)
+
+
+def tile_images(tiles: Sequence[np.ndarray], columns: int = 2) -> np.ndarray:
+    """Tile ``(H_i, W_i, 3)`` uint8 images row by row, ``columns`` per row, on white; each
+    cell is as large as the largest tile. Returns ``(rows * H, cols * W, 3)`` uint8."""
+    if not tiles:
+        raise ValueError("tile_images: no images")
+    if columns < 1:
+        raise ValueError(f"columns must be >= 1, got {columns}")
+    cols = min(columns, len(tiles))
+    rows = -(-len(tiles) // cols)
+    th = max(t.shape[0] for t in tiles)
+    tw = max(t.shape[1] for t in tiles)
+    grid = np.full((rows * th, cols * tw, 3), 255, dtype=np.uint8)
+    for k, t in enumerate(tiles):
+        r, c = divmod(k, cols)
+        grid[r * th:r * th + t.shape[0], c * tw:c * tw + t.shape[1]] = t
+    return grid
+
+
+def detection_grid(dataset, detections: Mapping[str, Mapping], *, score_threshold: float = 0.5,
+                   min_side: int = 320, columns: int = 2) -> np.ndarray:
+    """The detections (and dashed ground truth) of a few images of ``dataset``, tiled.
+
+    Args:
+        dataset: a :class:`~mapdet.data.base.DetectionDataset` (``index_of``, ``load_image``,
+            ``records``, ``class_names``).
+        detections: image id -> ``{"boxes", "scores", "labels"}`` in the image's pixels.
+        score_threshold: detections below it are not drawn.
+        min_side: images whose shorter side is smaller are upscaled to it (legible labels).
+        columns: images per row.
+
+    Returns:
+        ``(H, W, 3)`` uint8 RGB.
+    """
+    import cv2
+
+    tiles = []
+    for image_id, det in detections.items():
+        i = dataset.index_of(image_id)
+        image = dataset.load_image(i)
+        f = max(1.0, min_side / min(image.shape[:2]))
+        if f > 1.0:
+            image = cv2.resize(image, None, fx=f, fy=f, interpolation=cv2.INTER_LINEAR)
+        rec = dataset.records[i]
+        gt = {"boxes": rec.boxes * f, "labels": rec.labels}
+        scaled = {"boxes": np.asarray(det["boxes"]) * f, "scores": det["scores"],
+                  "labels": det["labels"]}
+        tiles.append(render_detections(image, scaled, dataset.class_names, gt=gt,
+                                       score_threshold=score_threshold))
+    return tile_images(tiles, columns)
+
+
+def draw_detection_grid(dataset, detections: Mapping[str, Mapping], path: str | Path, *,
+                        score_threshold: float = 0.5, min_side: int = 320,
+                        columns: int = 2) -> Path:
+    """:func:`detection_grid` written to the PNG ``path``; returns it."""
+    return save_png(detection_grid(dataset, detections, score_threshold=score_threshold,
+                                   min_side=min_side, columns=columns), path)
