@@ -142,6 +142,7 @@ def test_a_section_written_twice_is_an_error(tmp_path):
     ("eval.nms_iou=0", "eval.nms_iou"),
     ("eval.match_iou=0", "eval.match_iou"),
     ("loss.score_threshold=-0.1", "loss.score_threshold"),
+    ("model.dropout=1.0", "model.dropout"),
 ])
 def test_degenerate_sizes_and_thresholds_are_rejected(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ": must be"):

@@ -64,3 +64,12 @@ def test_memory_with_a_changed_number_of_classes_is_a_clear_error():
         crit(*_batch(k=4, seed=1))
     crit.reset_memory()
     crit(*_batch(k=4, seed=1))
+
+
+@pytest.mark.parametrize("kwargs, match", [({"fc_dim": 0}, "fc_dim must be >= 1"),
+                                           ({"dropout": 1.0}, r"dropout must be in \[0, 1\)")])
+def test_fast_rcnn_rejects_a_degenerate_head(kwargs, match):
+    from mapdet.models.fast_rcnn import FastRCNN
+
+    with pytest.raises(ValueError, match=match):
+        FastRCNN("small", 3, pretrained=False, **kwargs)

@@ -313,7 +313,9 @@ class Config:
                 _positive(key, opt)
         if m.freeze_at is not None:
             _positive("model.freeze_at", m.freeze_at, allow_zero=True)
-        for key, val in (("train.fg_fraction", t.fg_fraction), ("model.dropout", m.dropout),
+        if not 0.0 <= m.dropout < 1.0:
+            raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
+        for key, val in (("train.fg_fraction", t.fg_fraction),
                          ("loss.score_threshold", lo.score_threshold),
                          ("eval.score_threshold", e.score_threshold),
                          ("eval.vis_threshold", e.vis_threshold)):

@@ -62,6 +62,10 @@ class FastRCNN(nn.Module):
             raise ValueError(f"roi_op must be one of {ROI_OPS}, got {roi_op!r}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if fc_dim is not None and fc_dim < 1:
+            raise ValueError(f"fc_dim must be >= 1 (the width of the FC head), got {fc_dim}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         parts = build_backbone_and_head(
             backbone, pretrained=pretrained, freeze_at=freeze_at, fc_dim=fc_dim, dropout=dropout
         )
