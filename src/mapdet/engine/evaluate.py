@@ -324,7 +324,8 @@ def evaluate_checkpoint(
     if config is not None:
         cfg = load_config(config, overrides)
     else:
-        cfg = apply_overrides(config_from_dict(state["config"]), overrides).validate()
+        cfg = apply_overrides(config_from_dict(state["config"]), overrides,
+                              migrate=False).validate()
     set_threads(cfg.train.threads)
     model, cfg, state = model_from_checkpoint(state["path"], cfg)
     device = next(model.parameters()).device
