@@ -43,11 +43,13 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["SHIFT_RANGE", "ap_of_list", "build_base", "edited_ap", "make_edits", "make_pool",
+__all__ = ["COUNT", "INS_GAP", "INS_SEC", "INS_W", "REM", "SHIFT_RANGE", "ap_of_list", "build_base", "edited_ap", "make_edits", "make_pool",
            "make_scratch"]
 
 #: Shifts ``(a, b)`` with ``|a|, |b| <= SHIFT_RANGE`` get a cached segment structure.
 SHIFT_RANGE = 3
+#: Rows of the edit-set array (:func:`make_edits`).
+REM, INS_W, INS_GAP, INS_SEC, COUNT = 0, 1, 2, 3, 4
 _TP, _FP, _IGN = 1, 0, -1
 _INS, _REM, _RTP, _RFP = 0, 1, 2, 3
 
@@ -56,19 +58,18 @@ _INS, _REM, _RTP, _RFP = 0, 1, 2, 3
 def build_base(det, best, best_iou, gt_diff, thetas):
     """Labels and TP ranks of the base list ``det (D,)`` at every threshold ``thetas (T,)``.
 
-    Returns ``(lab (T, D) int8, tp_before (T, D+1), ni_before (T, D+1), tp_n (T, D),
-    n_tp (T,), holder (T, G), nxt (T, D))``: ``tp_before[t, p]`` / ``ni_before[t, p]`` count
-    TPs / non-ignored detections at base positions ``< p``; ``tp_n[t, j]`` is the 1-based
-    non-ignored rank of TP ``j``; ``holder[t, g]`` is the base position of ``g``'s first
-    claimant (-1: none) and ``nxt[t, p]`` the next claimant of the same ground truth."""
+    Returns ``(det, lab (T, D) int8, cnt (T, 2, D+1), tp_n (T, D), holder (T, G),
+    nxt (T, D))``: ``cnt[t, 0, p]`` / ``cnt[t, 1, p]`` count TPs / non-ignored detections at
+    base positions ``< p`` (so ``cnt[t, 0, D]`` is the number of TPs ``M``); ``tp_n[t, j]``
+    is the 1-based non-ignored rank of TP ``j``; ``holder[t, g]`` is the base position of
+    ``g``'s first claimant (-1: none) and ``nxt[t, p]`` the next claimant of the same ground
+    truth."""
     n_t = thetas.size
     d_n = det.size
     g_n = gt_diff.size
     lab = np.zeros((n_t, d_n), dtype=np.int8)
-    tp_before = np.zeros((n_t, d_n + 1), dtype=np.int64)
-    ni_before = np.zeros((n_t, d_n + 1), dtype=np.int64)
+    cnt = np.zeros((n_t, 2, d_n + 1), dtype=np.int64)
     tp_n = np.zeros((n_t, max(d_n, 1)), dtype=np.int64)
-    n_tp = np.zeros(n_t, dtype=np.int64)
     holder = np.full((n_t, g_n), -1, dtype=np.int64)
     nxt = np.full((n_t, d_n), -1, dtype=np.int64)
     last = np.empty(g_n, dtype=np.int64)
@@ -78,8 +79,8 @@ def build_base(det, best, best_iou, gt_diff, thetas):
         m = 0
         r = 0
         for p in range(d_n):
-            tp_before[t, p] = m
-            ni_before[t, p] = r
+            cnt[t, 0, p] = m
+            cnt[t, 1, p] = r
             d = det[p]
             g = best[d]
             if g >= 0 and best_iou[d] >= theta:
@@ -99,67 +100,61 @@ def build_base(det, best, best_iou, gt_diff, thetas):
             else:
                 lab[t, p] = _FP
                 r += 1
-        tp_before[t, d_n] = m
-        ni_before[t, d_n] = r
-        n_tp[t] = m
-    return (det, lab, tp_before, ni_before, tp_n, n_tp, holder, nxt)
+        cnt[t, 0, d_n] = m
+        cnt[t, 1, d_n] = r
+    return (det, lab, cnt, tp_n, holder, nxt)
 
 
 @njit(cache=True, nogil=True)
 def make_pool(n_t, m_max, budget_bytes):
     """Storage for the lazily built per-shift segment structures.
 
-    Returns ``(slot_of (T, 2S+1, 2S+1), u (P, M), W (P, M+1), Q (P, M+1), st (P, L, M),
-    lg (M+1,), meta (4,))``; ``meta = [slots used, capacity P, fallbacks, segments]``; the
+    Returns ``(slot_of (T, 2S+1, 2S+1), f (P, 3, M+1), st (P, L, M), lg (M+1,), meta (4,))``:
+    ``f[sl]`` holds ``u``, ``W`` and ``Q`` of slot ``sl``, ``st[sl]`` its sparse table;
+    ``meta = [slots used, capacity P, fallbacks, segments]``; the
     capacity ``P`` keeps the pool within ``budget_bytes`` (at least 9 slots)."""
     side = 2 * SHIFT_RANGE + 1
     m = max(m_max, 1)
     levels = 1
     while (1 << levels) <= m:
         levels += 1
-    per_slot = 8 * (m * (levels + 1) + 2 * (m + 1))
+    per_slot = 8 * (m * levels + 3 * (m + 1))
     cap = min(n_t * side * side, max(9, budget_bytes // per_slot))
     lg = np.zeros(m + 1, dtype=np.int64)
     for k in range(2, m + 1):
         lg[k] = lg[k >> 1] + 1
     meta = np.zeros(4, dtype=np.int64)
     meta[1] = cap
-    return (np.full((n_t, side, side), -1, dtype=np.int64),
-            np.empty((cap, m)), np.empty((cap, m + 1)), np.empty((cap, m + 1)),
+    return (np.full((n_t, side, side), -1, dtype=np.int64), np.empty((cap, 3, m + 1)),
             np.empty((cap, levels, m)), lg, meta)
 
 
 @njit(cache=True, nogil=True)
 def make_edits(d_n, cap):
-    """Edit-set storage: ``(rem, ins_w, ins_gap, ins_sec, counts (2,), removed (D,))``."""
-    cap = max(cap, 1)
-    return (np.empty(cap, dtype=np.int64), np.empty(cap, dtype=np.int64),
-            np.empty(cap, dtype=np.int64), np.empty(cap, dtype=np.int64),
-            np.zeros(2, dtype=np.int64), np.zeros(max(d_n, 1), dtype=np.bool_))
+    """Edit-set storage ``(ed (5, cap) int64, removed (D,) bool)``: rows ``REM, INS_W,
+    INS_GAP, INS_SEC`` hold the removed base positions and the inserted windows, their gaps
+    and tie-break keys; ``ed[COUNT, 0]`` / ``ed[COUNT, 1]`` count removals / insertions;
+    ``removed[p]`` marks the removed base positions."""
+    ed = np.zeros((5, max(cap, 2)), dtype=np.int64)
+    return (ed, np.zeros(max(d_n, 1), dtype=np.bool_))
 
 
 @njit(cache=True, nogil=True)
 def make_scratch(n_edits):
-    """Scratch for :func:`edited_ap` with up to ``n_edits`` edits."""
-    k = 8 * (n_edits + 2)
-    return (np.empty(k, dtype=np.int64), np.empty(k, dtype=np.int64),
-            np.empty(k, dtype=np.int64), np.empty(k, dtype=np.int64),
-            np.empty(k, dtype=np.int64), np.empty(k, dtype=np.int64),
-            np.empty(k, dtype=np.int64), np.empty(k, dtype=np.int64),
-            np.empty(k, dtype=np.int64), np.empty(k, dtype=np.int64),
-            np.empty(k, dtype=np.int64))
+    """Scratch ``(11, 8 * (n_edits + 2))`` int64 for :func:`edited_ap`."""
+    return np.empty((11, 8 * (n_edits + 2)), dtype=np.int64)
 
 
 @njit(cache=True, nogil=True)
 def _build_slot(pool, sl, t, a, b, base, weights):
     """Fill pool slot ``sl`` with the segment structure of threshold ``t``, shift ``(a, b)``."""
-    (slot_of, su, sw, sq, st, lg, meta) = pool
-    tp_n = base[4]
-    m_n = base[5][t]
+    f, st = pool[1], pool[2]
+    tp_n = base[3]
+    m_n = base[2][t, 0, -1]
     nw = weights.size
-    u = su[sl]
-    W = sw[sl]
-    Q = sq[sl]
+    u = f[sl, 0]
+    W = f[sl, 1]
+    Q = f[sl, 2]
     W[0] = 0.0
     for j in range(m_n):
         k = j + a
@@ -192,7 +187,7 @@ def _build_slot(pool, sl, t, a, b, base, weights):
         k += 1
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _rmax(lev, lg, l, r):
     """max u[l:r] (``l < r``) from the sparse table ``lev``."""
     k = lg[r - l]
@@ -202,7 +197,7 @@ def _rmax(lev, lg, l, r):
 @njit(cache=True, nogil=True)
 def _segment(pool, base, weights, t, l, r, a, b, c):
     """``(S(l, r, c), new c)`` for base TPs ``[l, r)`` under shift ``(a, b)`` (module doc)."""
-    (slot_of, su, sw, sq, st, lg, meta) = pool
+    (slot_of, f, st, lg, meta) = pool
     meta[3] += 1
     s_r = (slot_of.shape[1] - 1) // 2
     sl = -1
@@ -215,7 +210,7 @@ def _segment(pool, base, weights, t, l, r, a, b, c):
             slot_of[t, a + s_r, b + s_r] = sl
     if sl < 0:  # direct sum, exact
         meta[2] += 1
-        tp_n = base[4]
+        tp_n = base[3]
         nw = weights.size
         total = 0.0
         for j in range(r - 1, l - 1, -1):
@@ -226,9 +221,9 @@ def _segment(pool, base, weights, t, l, r, a, b, c):
             if k < nw:
                 total += weights[k] * c
         return total, c
-    u = su[sl]
-    W = sw[sl]
-    Q = sq[sl]
+    u = f[sl, 0]
+    W = f[sl, 1]
+    Q = f[sl, 2]
     lev = st[sl]
     if _rmax(lev, lg, l, r) < c:
         return c * (W[r] - W[l]), c
@@ -273,23 +268,24 @@ def edited_ap(base, pool, edits, mv_w, mv_gap, gt, weights, thetas, scratch):
     Args:
         base: from :func:`build_base`.
         pool: from :func:`make_pool` (filled lazily).
-        edits: ``(rem, ins_w, ins_gap, ins_sec, counts, removed)``: base positions
-            ``rem[:counts[0]]`` removed (``removed[p]`` must mark them), windows
-            ``ins_w[:counts[1]]`` inserted before base position ``ins_gap`` (same gap: by
-            ``ins_sec`` ascending).
+        edits: from :func:`make_edits`: the base positions ``ed[REM, :ed[COUNT, 0]]``
+            removed (``removed[p]`` must mark them), the windows ``ed[INS_W, :ed[COUNT, 1]]``
+            inserted before base position ``ed[INS_GAP]`` (same gap: by ``ed[INS_SEC]``).
         mv_w, mv_gap: one more inserted window (the moved one), first in its gap; ``mv_w < 0``
             for none.
         gt: ``(best, best_iou, gt_diff)``: every window's best ground truth, its IoU, and the
             difficult flags.
-        scratch: int64 arrays ``(ev_key, ev_sec, ev_type, ev_arg, ag, ag_hold, pk, pl, pr,
-            pa, pb)``, each of length ``>= 8 * (E + 2)``.
+        scratch: from :func:`make_scratch` for at least ``E`` edits.
     """
-    (det, lab, tpb, nib, tp_n, n_tp, holder, nxt) = base
-    (rem, ins_w, ins_gap, ins_sec, counts, removed) = edits
+    (det, lab, cnt, tp_n, holder, nxt) = base
+    (ed, removed) = edits
+    rem, ins_w, ins_gap, ins_sec = ed[REM], ed[INS_W], ed[INS_GAP], ed[INS_SEC]
     (best, best_iou, gt_diff) = gt
-    (ev_key, ev_sec, ev_type, ev_arg, ag, ag_hold, pk, pl, pr, pa, pb) = scratch
-    n_rem = counts[0]
-    n_ins = counts[1]
+    ev_key, ev_sec, ev_type, ev_arg = scratch[0], scratch[1], scratch[2], scratch[3]
+    ag, ag_hold, pk, pl, pr, pa, pb = (scratch[4], scratch[5], scratch[6], scratch[7],
+                                       scratch[8], scratch[9], scratch[10])
+    n_rem = ed[COUNT, 0]
+    n_ins = ed[COUNT, 1]
     d_n = det.size
     nw = weights.size
     total = 0.0
@@ -388,8 +384,8 @@ def edited_ap(base, pool, edits, mv_w, mv_gap, gt, weights, thetas, scratch):
         for e in range(ne + 1):
             p = d_n if e == ne else ev_key[e] >> 2
             if p > pos:
-                lo_tp = tpb[t, pos]
-                hi_tp = tpb[t, p]
+                lo_tp = cnt[t, 0, pos]
+                hi_tp = cnt[t, 0, p]
                 if hi_tp > lo_tp:
                     pk[npc] = 0
                     pl[npc] = lo_tp
@@ -404,8 +400,8 @@ def edited_ap(base, pool, edits, mv_w, mv_gap, gt, weights, thetas, scratch):
             if et == _INS:
                 if ev_arg[e] == _TP:
                     pk[npc] = 1
-                    pl[npc] = tpb[t, p] + a
-                    pr[npc] = nib[t, p] + b + 1
+                    pl[npc] = cnt[t, 0, p] + a
+                    pr[npc] = cnt[t, 1, p] + b + 1
                     npc += 1
                     a += 1
                 b += 1
@@ -419,8 +415,8 @@ def edited_ap(base, pool, edits, mv_w, mv_gap, gt, weights, thetas, scratch):
                         b -= 1
                 elif et == _RTP:
                     pk[npc] = 1
-                    pl[npc] = tpb[t, p] + a
-                    pr[npc] = nib[t, p] + b + 1
+                    pl[npc] = cnt[t, 0, p] + a
+                    pr[npc] = cnt[t, 1, p] + b + 1
                     npc += 1
                     a += 1
                 else:  # _RFP

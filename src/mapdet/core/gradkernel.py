@@ -24,7 +24,18 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from mapdet.core.editap import build_base, edited_ap, make_edits, make_pool, make_scratch
+from mapdet.core.editap import (
+    COUNT,
+    INS_GAP,
+    INS_SEC,
+    INS_W,
+    REM,
+    build_base,
+    edited_ap,
+    make_edits,
+    make_pool,
+    make_scratch,
+)
 from mapdet.core.overlap import (
     cascade,
     cascade_graph,
@@ -75,79 +86,101 @@ def _walk(up, i, r_lo, r_hi, monotone, f0, tol, mu, s, runs, ctx, stats):
     """Nearest improvement when ``i`` walks over the runs ``r_lo..r_hi`` (up: from ``r_hi``
     towards ``r_lo``, landing at the run's start; down: from ``r_lo`` on, landing just below
     the run's end). The NMS state and the other edits are fixed in ``ctx``. Returns the slope.
-    """
+
+    Candidates are numbered ``j = 0..cnt-1``, nearest first. Monotone walks ("improves" is
+    false then true): probe the farthest, then binary search the first improving ``j``.
+    Otherwise every ``j`` is tried in order."""
     (run_start, run_end, run_s) = runs
     (base, pool, edits, gt, weights, thetas, scratch) = ctx
     cnt = r_hi - r_lo + 1
     if cnt <= 0:
         return 0.0
-    si = s[i]
-    lo = 0
+    if not monotone:
+        stats[1] += 1
+    lo = 0  # monotone: the first improving j is in [lo, hi]
     hi = cnt - 1
-    if monotone:
-        # "improves" is false then true along the walk: binary search the first true.
-        r = r_lo if up else r_hi
-        gap = run_start[r] if up else run_end[r] + 1
-        v_hi = edited_ap(base, pool, edits, i, gap, gt, weights, thetas, scratch)
-        stats[0] += 1
-        if not v_hi > f0 + tol:
-            return 0.0
-        while lo < hi:
-            mid = (lo + hi) >> 1
-            r = r_hi - mid if up else r_lo + mid
-            gap = run_start[r] if up else run_end[r] + 1
-            v = edited_ap(base, pool, edits, i, gap, gt, weights, thetas, scratch)
-            stats[0] += 1
-            if v > f0 + tol:
-                hi = mid
-                v_hi = v
-            else:
-                lo = mid + 1
-        r = r_hi - lo if up else r_lo + lo
-        delta = run_s[r] - si if up else si - run_s[r]
-        return (v_hi - f0) / (delta + mu)
-    stats[1] += 1
-    for j in range(cnt):
+    probed = False
+    j = cnt - 1 if monotone else 0
+    best_j = -1
+    best_v = 0.0
+    while True:
         r = r_hi - j if up else r_lo + j
         gap = run_start[r] if up else run_end[r] + 1
-        v = edited_ap(base, pool, edits, i, gap, gt, weights, thetas, scratch)
+        v = edited_ap(base, pool, edits, i, gap, gt, weights, thetas, scratch)  # one call site
         stats[0] += 1
-        if v > f0 + tol:
-            delta = run_s[r] - si if up else si - run_s[r]
-            return (v - f0) / (delta + mu)
-    return 0.0
+        better = v > f0 + tol
+        if not monotone:
+            if better:
+                best_j, best_v = j, v
+                break
+            j += 1
+            if j == cnt:
+                break
+            continue
+        if not probed:
+            probed = True
+            if not better:
+                break
+            best_j, best_v = j, v
+        elif better:
+            hi = j
+            best_j, best_v = j, v
+        else:
+            lo = j + 1
+        if lo >= hi:
+            break
+        j = (lo + hi) >> 1
+    if best_j < 0:
+        return 0.0
+    r = r_hi - best_j if up else r_lo + best_j
+    delta = run_s[r] - s[i] if up else s[i] - run_s[r]
+    return (best_v - f0) / (delta + mu)
+
+
+@njit(cache=True, nogil=True)
+def _count_below(sorted_arr, v):
+    """Number of entries of the ascending ``sorted_arr`` below ``v`` (binary search)."""
+    lo = 0
+    hi = sorted_arr.size
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if sorted_arr[mid] < v:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 @njit(cache=True, nogil=True)
 def _load_changes(edits, n_rem0, changed, n_chg, chg, det_pos, det_rank, rank):
     """Append a cascade's changes to the edit set: now-suppressed base detections are
     removed (and marked), now-kept windows are inserted at their rank's gap."""
-    (rem, ins_w, ins_gap, ins_sec, counts, removed) = edits
+    (ed, removed) = edits
     n_rem = n_rem0
     n_ins = 0
     for k in range(n_chg):
         y = changed[k]
         if chg[y] == 2:
-            rem[n_rem] = det_pos[y]
+            ed[REM, n_rem] = det_pos[y]
             removed[det_pos[y]] = True
             n_rem += 1
         else:
-            ins_w[n_ins] = y
-            ins_gap[n_ins] = np.searchsorted(det_rank, rank[y])
-            ins_sec[n_ins] = rank[y]
+            ed[INS_W, n_ins] = y
+            ed[INS_GAP, n_ins] = _count_below(det_rank, rank[y])
+            ed[INS_SEC, n_ins] = rank[y]
             n_ins += 1
-    counts[0] = n_rem
-    counts[1] = n_ins
+    ed[COUNT, 0] = n_rem
+    ed[COUNT, 1] = n_ins
 
 
 @njit(cache=True, nogil=True)
 def _unload(edits, n_keep):
     """Unmark the removals past the first ``n_keep`` and empty the insertions."""
-    (rem, ins_w, ins_gap, ins_sec, counts, removed) = edits
-    for k in range(n_keep, counts[0]):
-        removed[rem[k]] = False
-    counts[0] = n_keep
-    counts[1] = 0
+    (ed, removed) = edits
+    for k in range(n_keep, ed[COUNT, 0]):
+        removed[ed[REM, k]] = False
+    ed[COUNT, 0] = n_keep
+    ed[COUNT, 1] = 0
 
 
 @njit(cache=True, nogil=True)
@@ -197,20 +230,25 @@ def pseudo_gradient_kernel(prob, n_grad, grad, stats):
     runs = (run_start[:nr], run_end[:nr], run_s[:nr])
 
     base = build_base(det, best, best_iou, gt_diff, thetas)
-    pool = make_pool(thetas.size, max(1, base[5].max()), POOL_BYTES)
+    pool = make_pool(thetas.size, max(1, base[2][:, 0, -1].max()), POOL_BYTES)
     gt = (best, best_iou, gt_diff)
     edits = make_edits(n_det, n + 2)
-    counts = edits[4]
-    removed = edits[5]
-    scratch = make_scratch(16)
+    ed, removed = edits
+    # Numba compiles a callee once per argument types, and a literal argument has its own
+    # type: constants go through these typed variables so that each kernel compiles once.
+    none = np.int64(-1)
+    zero = np.int64(0)
+    one = np.int64(1)
+    go_up = n >= 0
+    go_down = not go_up
+    scratch = make_scratch(one * 16)
     ctx = (base, pool, edits, gt, weights, thetas, scratch)
-    f0 = edited_ap(base, pool, edits, -1, 0, gt, weights, thetas, scratch)
+    f0 = edited_ap(base, pool, edits, none, zero, gt, weights, thetas, scratch)
 
     cs = (np.zeros(n, dtype=np.bool_), np.zeros(n, dtype=np.int8),
-          np.empty(n + 1, dtype=np.int64), np.empty(n + 1, dtype=np.int64),
-          np.empty(n + 1, dtype=np.int64), np.empty(n + 1, dtype=np.int64))
+          np.empty((4, n + 1), dtype=np.int64))
     chg = cs[1]
-    changed = cs[5]
+    changed = cs[2][3]
     seeds = np.empty(n + 1, dtype=np.int64)
     t_min = thetas.min()
     multi = thetas.size > 1
@@ -223,24 +261,24 @@ def pseudo_gradient_kernel(prob, n_grad, grad, stats):
         if kept[i]:
             # ---- i is a detection at base position q0.
             q0 = det_pos[i]
-            edits[0][0] = q0
+            ed[REM, 0] = q0
             removed[q0] = True
-            counts[0] = 1
-            counts[1] = 0
+            ed[COUNT, 0] = 1
+            ed[COUNT, 1] = 0
             r0 = run_id[q0]
             up = 0.0
             if tp_any:  # an FP or ignored detection moving up cannot raise the AP
                 r_max = r0 if run_start[r0] < q0 else r0 - 1
-                up = _walk(True, i, 0, r_max, monotone, f0, tol, mu, s, runs, ctx, stats)
+                up = _walk(go_up, i, zero, r_max, monotone, f0, tol, mu, s, runs, ctx, stats)
             # S_down: i removed (one suppression event; chg[i] = 2 marks it gone).
             chg[i] = 2
-            n_seeds = 0
+            n_seeds = zero
             for e in range(ls_ptr[i], ls_ptr[i + 1]):
                 if base_cnt[ls_idx[e]] > 1:
                     break
                 seeds[n_seeds] = ls_idx[e]
                 n_seeds += 1
-            n_chg, n_push = cascade(seeds, n_seeds, 1, -1, boxes, nu, rank, graph, base_cnt,
+            n_chg, n_push = cascade(seeds, n_seeds, one, none, boxes, nu, rank, graph, base_cnt,
                                     kept, cs)
             b_sw = tau  # h': the highest-ranked neighbour kept once i is gone
             for k in range(n_chg):
@@ -248,13 +286,13 @@ def pseudo_gradient_kernel(prob, n_grad, grad, stats):
                 if chg[y] == 1 and iou(boxes, i, y) > nu:
                     b_sw = s[y]
                     break
-            if 8 * (n_chg + 3) > scratch[0].size:
+            if 8 * (n_chg + 3) > scratch.shape[1]:
                 scratch = make_scratch(n_chg + 1)
                 ctx = (base, pool, edits, gt, weights, thetas, scratch)
-            _load_changes(edits, 1, changed, n_chg, chg, det_pos, det_rank, rank)
-            f_down = edited_ap(base, pool, edits, -1, 0, gt, weights, thetas, scratch)
+            _load_changes(edits, one, changed, n_chg, chg, det_pos, det_rank, rank)
+            f_down = edited_ap(base, pool, edits, none, zero, gt, weights, thetas, scratch)
             stats[0] += 1
-            _unload(edits, 1)
+            _unload(edits, one)
             reset_after(cs, n_push, n_chg)
             chg[i] = 0
             # Down walk in the base state: runs scoring > b_sw below q0.
@@ -267,15 +305,15 @@ def pseudo_gradient_kernel(prob, n_grad, grad, stats):
                     lo = mid
                 else:
                     hi = mid - 1
-            down = _walk(False, i, r_first, lo, monotone, f0, tol, mu, s, runs, ctx, stats)
+            down = _walk(go_down, i, r_first, lo, monotone, f0, tol, mu, s, runs, ctx, stats)
             removed[q0] = False
-            counts[0] = 0
+            ed[COUNT, 0] = 0
             if down == 0.0 and f_down > f0 + tol:
                 down = (f_down - f0) / (si - b_sw + mu)
             grad[i] = _combine(up, down, rtol)
         else:
             # ---- i is not a detection: only moving up can change anything.
-            n_seeds = 0
+            n_seeds = zero
             b = img[i]
             if nu < 1.0:
                 for j in range(dptr[b], dptr[b + 1]):
@@ -288,12 +326,12 @@ def pseudo_gradient_kernel(prob, n_grad, grad, stats):
                 # precision) and can only lose by moving further up.
                 continue
             b_entry = s[seeds[0]] if n_seeds > 0 else tau
-            n_chg, n_push = cascade(seeds, n_seeds, 0, i, boxes, nu, rank, graph, base_cnt,
+            n_chg, n_push = cascade(seeds, n_seeds, zero, i, boxes, nu, rank, graph, base_cnt,
                                     kept, cs)
-            if 8 * (n_chg + 3) > scratch[0].size:
+            if 8 * (n_chg + 3) > scratch.shape[1]:
                 scratch = make_scratch(n_chg + 1)
                 ctx = (base, pool, edits, gt, weights, thetas, scratch)
-            _load_changes(edits, 0, changed, n_chg, chg, det_pos, det_rank, rank)
+            _load_changes(edits, zero, changed, n_chg, chg, det_pos, det_rank, rank)
             reset_after(cs, n_push, n_chg)
             # Entry: just above h's run (or at the bottom, past the threshold).
             if n_seeds > 0:
@@ -307,9 +345,9 @@ def pseudo_gradient_kernel(prob, n_grad, grad, stats):
             if v > f0 + tol:
                 grad[i] = (v - f0) / (b_entry - si + mu)
             elif tp_any:
-                grad[i] = _walk(True, i, 0, r_entry - 1, monotone, f0, tol, mu, s, runs, ctx,
+                grad[i] = _walk(go_up, i, zero, r_entry - 1, monotone, f0, tol, mu, s, runs, ctx,
                                 stats)
-            _unload(edits, 0)
-    stats[2] += pool[6][2]
-    stats[3] += pool[6][3]
+            _unload(edits, zero)
+    stats[2] += pool[4][2]
+    stats[3] += pool[4][3]
     return f0

@@ -23,7 +23,7 @@ __all__ = ["cascade", "cascade_graph", "group_by", "iou", "later_neighbours", "n
            "reset_after"]
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def iou(boxes, a, b):
     """IoU of windows ``a`` and ``b`` of ``boxes (N, 4)`` xyxy (continuous convention)."""
     ix1 = max(boxes[a, 0], boxes[b, 0])
@@ -113,12 +113,13 @@ def later_neighbours(icand, iptr, need, boxes, nu, n):
     idx = np.empty(0, dtype=np.int64)
     if nu >= 1.0:
         return ptr, idx
-    _neighbour_pass(icand, iptr, need, boxes, nu, ptr, idx, False)
+    count_only = n < 0  # a typed False: literal arguments would compile the pass twice
+    _neighbour_pass(icand, iptr, need, boxes, nu, ptr, idx, count_only)
     for w in range(n):
         ptr[w + 1] += ptr[w]
     idx = np.empty(ptr[n], dtype=np.int64)
     pos = ptr[:-1].copy()
-    _neighbour_pass(icand, iptr, need, boxes, nu, pos, idx, True)
+    _neighbour_pass(icand, iptr, need, boxes, nu, pos, idx, not count_only)
     return ptr, idx
 
 
@@ -166,16 +167,27 @@ def cascade_graph(nb_ptr, nb_idx, base_kept, base_cnt, n):
             else:
                 ls_idx[ls_pos[w]] = y
                 ls_pos[w] += 1
+    # Sort each suppressed list by base_cnt (counting sort, stable; keys are small).
+    tally = np.zeros(n + 2, dtype=np.int64)
+    tmp = np.empty(ls_idx.size, dtype=np.int64)
     for w in range(n):
         lo, hi = ls_ptr[w], ls_ptr[w + 1]
-        if hi - lo > 1:
-            seg = ls_idx[lo:hi].copy()
-            keys = np.empty(hi - lo, dtype=np.int64)
-            for k in range(hi - lo):
-                keys[k] = base_cnt[seg[k]]
-            perm = np.argsort(keys, kind="mergesort")
-            for k in range(hi - lo):
-                ls_idx[lo + k] = seg[perm[k]]
+        if hi - lo < 2:
+            continue
+        top = 0
+        for e in range(lo, hi):
+            k = base_cnt[ls_idx[e]]
+            tally[k + 1] += 1
+            top = max(top, k + 1)
+        for k in range(top):
+            tally[k + 1] += tally[k]
+        for e in range(lo, hi):
+            k = base_cnt[ls_idx[e]]
+            tmp[lo + tally[k]] = ls_idx[e]
+            tally[k] += 1
+        for e in range(lo, hi):
+            ls_idx[e] = tmp[e]
+        tally[: top + 1] = 0
     return (e_ptr, e_idx, lk_ptr, lk_idx, ls_ptr, ls_idx)
 
 
@@ -227,12 +239,14 @@ def cascade(seeds, n_seeds, n_events, extra, boxes, nu, rank, graph, base_cnt, b
     neighbours of a window that becomes kept, and, after the ``R``-th suppression event
     (``n_events`` already happened), the suppressed later neighbours with ``base_cnt <= R``.
 
-    ``cs = (inq, chg, hk, hv, pushed, changed)`` is scratch. Returns ``(n_changed,
+    ``cs = (inq (N,) bool, chg (N,) int8, q (4, N+1) int64)`` is scratch, the rows of ``q``
+    being the heap keys and values, the pushed windows and the changed ones. Returns ``(n_changed,
     n_pushed)``; ``changed[:n_changed]`` (rank order) have ``chg = 1`` (now kept) or ``2``
     (now suppressed). Clear with :func:`reset_after`.
     """
     (e_ptr, e_idx, lk_ptr, lk_idx, ls_ptr, ls_idx) = graph
-    (inq, chg, hk, hv, pushed, changed) = cs
+    (inq, chg, q) = cs
+    hk, hv, pushed, changed = q[0], q[1], q[2], q[3]
     size = 0
     n_pushed = 0
     for k in range(n_seeds):
@@ -292,7 +306,8 @@ def cascade(seeds, n_seeds, n_events, extra, boxes, nu, rank, graph, base_cnt, b
 @njit(cache=True, nogil=True)
 def reset_after(cs, n_pushed, n_changed):
     """Clear the scratch state ``cs`` touched by one :func:`cascade` call."""
-    (inq, chg, hk, hv, pushed, changed) = cs
+    (inq, chg, q) = cs
+    pushed, changed = q[2], q[3]
     for k in range(n_pushed):
         inq[pushed[k]] = False
     for k in range(n_changed):
