@@ -1,14 +1,24 @@
-"""Benchmark: AP after NMS and its pseudo-gradient, fast vs brute force (one core).
+"""Benchmark: the pseudo-gradient of AP after NMS against the forward AP, on one core.
 
-Workload: proposal-like detector outputs (``mapdet.core.synthetic.proposal_like_outputs``):
-2 images x 2000 windows x 20 classes, windows clustered around objects, scores like a
-partly trained detector. Prints a table; ``--json PATH`` also writes the numbers.
+Prints one table per part (``--only`` picks some). CPU time (``time.process_time``), the
+minimum over ``--repeats`` runs after a warm-up, ``NUMBA_NUM_THREADS=1``, classes run inline.
 
-    python benchmarks/bench_loss.py                # full run (brute force takes a while)
-    python benchmarks/bench_loss.py --skip-brute   # fast part only
+* ``minibatch``: 2 images x 2000 proposal-like windows x 20 classes
+  (``mapdet.core.synthetic.proposal_like_outputs``, about 250 candidates per class above
+  0.05), and a heavier one with 400-1200 candidates per class (four 5-class draws side by
+  side, class-specific boxes); each with one IoU threshold and with the 10 COCO thresholds.
+* ``scaling``: one class, N = 2k / 8k / 32k windows spread over N/50 images (50 windows and
+  3 objects each): forward, pseudo-gradient, their ratio, the growth from 2k, and the
+  kernel's counters (AP queries, scanned walks, direct segment sums).
+* ``memory``: ``MAPLoss(memory=20)`` against ``MAPLoss(memory=0)`` on the 2 x 2000 x 20
+  minibatch, forward and backward, after 20 other minibatches filled the memory.
+* ``testset``: all pseudo-partials of a test set: 5,000 images x 100 windows x 20 classes.
+* ``brute``: fast against the definition (brute force), N = 300, one class; asserted equal.
+* ``compile``: numba compile time of a fresh install (an empty ``NUMBA_CACHE_DIR``): the
+  first call of the pseudo-gradient, in a fresh process.
 
-Targets (issue 2): pseudo-gradient of all 20 classes <= 50 ms on one core, and >= 1000x
-faster than brute force at N = 300 windows per class.
+    python benchmarks/bench_loss.py                  # everything (about 5 minutes)
+    python benchmarks/bench_loss.py --only scaling memory
 """
 
 from __future__ import annotations
@@ -17,6 +27,9 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
@@ -24,12 +37,17 @@ os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 from mapdet.core.apnms import (  # noqa: E402
+    _ClassProblem,
+    _solve,
     ap_after_nms,
     ap_pseudo_gradient,
     ap_pseudo_gradient_multiclass,
 )
 from mapdet.core.reference import ap_pseudo_gradient_reference  # noqa: E402
-from mapdet.core.synthetic import proposal_like_outputs  # noqa: E402
+from mapdet.core.synthetic import DetectorOutputs, proposal_like_outputs  # noqa: E402
+
+COCO = tuple(np.round(np.linspace(0.5, 0.95, 10), 2))
+PARTS = ("minibatch", "scaling", "memory", "testset", "brute", "compile")
 
 
 def _cpu_time(fn, repeats: int) -> float:
@@ -49,66 +67,198 @@ def _one_class(o, c: int):
             o.gt_difficult[sel])
 
 
+def _stack_classes(parts) -> DetectorOutputs:
+    """Draws of the same images side by side as one problem with all their classes."""
+    k = [p.probs.shape[1] for p in parts]
+    offs = np.cumsum([0] + k)
+    return DetectorOutputs(
+        probs=np.concatenate([p.probs for p in parts], 1),
+        boxes=np.concatenate([p.boxes for p in parts], 1),
+        image_ids=parts[0].image_ids,
+        gt_boxes=np.concatenate([p.gt_boxes for p in parts]),
+        gt_labels=np.concatenate([p.gt_labels + o for p, o in zip(parts, offs)]),
+        gt_image_ids=np.concatenate([p.gt_image_ids for p in parts]),
+        gt_difficult=np.concatenate([p.gt_difficult for p in parts]),
+    )
+
+
+def _concat_images(parts) -> DetectorOutputs:
+    """Draws of different images as one set of images."""
+    n_img = [int(p.image_ids.max()) + 1 for p in parts]
+    offs = np.cumsum([0] + n_img)
+    return DetectorOutputs(
+        probs=np.concatenate([p.probs for p in parts]),
+        boxes=np.concatenate([p.boxes for p in parts]),
+        image_ids=np.concatenate([p.image_ids + o for p, o in zip(parts, offs)]),
+        gt_boxes=np.concatenate([p.gt_boxes for p in parts]),
+        gt_labels=np.concatenate([p.gt_labels for p in parts]),
+        gt_image_ids=np.concatenate([p.gt_image_ids + o for p, o in zip(parts, offs)]),
+        gt_difficult=np.concatenate([p.gt_difficult for p in parts]),
+    )
+
+
+def _heavy(seed: int) -> DetectorOutputs:
+    return _stack_classes([proposal_like_outputs(2, 2000, 5, seed=1000 + 4 * seed + j)
+                           for j in range(4)])
+
+
+def _fwd_grad(o, repeats, match_iou=0.5):
+    k = o.probs.shape[1]
+    forward = lambda: [ap_after_nms(*_one_class(o, c), match_iou=match_iou)  # noqa: E731
+                       for c in range(k)]
+    gradient = lambda: ap_pseudo_gradient_multiclass(  # noqa: E731
+        o.probs, o.boxes, o.image_ids, o.gt_boxes, o.gt_labels, o.gt_image_ids,
+        o.gt_difficult, match_iou=match_iou, num_threads=1)
+    return _cpu_time(forward, repeats), _cpu_time(gradient, repeats)
+
+
+def part_minibatch(args, rows, result):
+    for name, make in (("2 x 2000 x 20", lambda s: proposal_like_outputs(2, 2000, 20, seed=s)),
+                       ("heavier 2 x 2000 x 20", _heavy)):
+        for thr_name, thr in (("IoU 0.5", 0.5), ("COCO 10 thresholds", COCO)):
+            f, g, cand = [], [], []
+            for seed in range(args.seeds):
+                o = make(seed)
+                tf, tg = _fwd_grad(o, args.repeats, thr)
+                f.append(tf)
+                g.append(tg)
+                c = (o.probs > 0.05).sum(0)
+                cand.append((c.mean(), c.min(), c.max()))
+            cand = np.array(cand)
+            fwd, grad = float(np.mean(f)), float(np.mean(g))
+            label = (f"{name} ({cand[:, 0].mean():.0f} cand/class, {cand[:, 1].min():.0f}-"
+                     f"{cand[:, 2].max():.0f}), {thr_name}")
+            rows.append((label, f"forward {fwd * 1e3:6.1f} ms | pseudo-gradient "
+                         f"{grad * 1e3:6.1f} ms | ratio {grad / fwd:4.1f}x"))
+            result[f"minibatch/{name}/{thr_name}"] = dict(forward_ms=fwd * 1e3,
+                                                          gradient_ms=grad * 1e3)
+
+
+def part_scaling(args, rows, result):
+    base = None
+    for n in (2000, 8000, 32000):
+        o = proposal_like_outputs(n // 50, 50, 1, objects_per_image=(3, 4), seed=7)
+        inputs = _one_class(o, 0)
+        fwd = _cpu_time(lambda: ap_after_nms(*inputs), args.repeats)  # noqa: B023
+        grad = _cpu_time(lambda: ap_pseudo_gradient(*inputs), args.repeats)  # noqa: B023
+        stats = np.zeros(4, dtype=np.int64)
+        _solve(_ClassProblem(*inputs, 0.05, 0.3, 0.5, "area", 1e-3), None, stats)
+        base = base or grad
+        rows.append((f"one class, N = {n:>6,} ({int((inputs[0] > 0.05).sum()):,} candidates)",
+                     f"forward {fwd * 1e3:6.1f} ms | pseudo-gradient {grad * 1e3:7.1f} ms | "
+                     f"ratio {grad / fwd:4.1f}x | growth {grad / base:5.1f}x | "
+                     f"{stats[0]:,} AP queries, {stats[1]} scanned walks, "
+                     f"{stats[2]} direct sums of {stats[3]:,} segments"))
+        result[f"scaling/{n}"] = dict(forward_ms=fwd * 1e3, gradient_ms=grad * 1e3,
+                                      queries=int(stats[0]), scanned=int(stats[1]),
+                                      direct=int(stats[2]), segments=int(stats[3]))
+
+
+def part_memory(args, rows, result):
+    import torch
+
+    from mapdet import MAPLoss
+
+    def call(loss, o):
+        probs = torch.tensor(o.probs, requires_grad=True)
+        targets = []
+        for j in range(int(o.image_ids.max()) + 1):
+            sel = o.gt_image_ids == j
+            targets.append(dict(boxes=o.gt_boxes[sel], labels=o.gt_labels[sel],
+                                difficult=o.gt_difficult[sel]))
+        loss(probs, o.boxes, o.image_ids, targets).backward()
+
+    times = {}
+    for memory in (0, 20):
+        loss = MAPLoss(memory=memory, num_threads=1)
+        for s in range(memory):
+            call(loss, proposal_like_outputs(2, 2000, 20, seed=500 + s))
+        o = proposal_like_outputs(2, 2000, 20, seed=0)
+        state = list(loss._memory)
+
+        def step(loss=loss, o=o, state=state):
+            loss._memory.clear()
+            loss._memory.extend(state)  # the same context at every repeat
+            call(loss, o)
+
+        times[memory] = _cpu_time(step, args.repeats)
+        ctx = sum(w.probs.shape[0] for w in state) + o.probs.shape[0]
+        rows.append((f"MAPLoss(memory={memory}), 2 x 2000 x 20, forward + backward",
+                     f"{times[memory] * 1e3:7.1f} ms  ({ctx:,} windows in the AP context)"))
+    rows.append(("memory=20 / memory=0", f"{times[20] / times[0]:.2f}x"))
+    result["memory"] = dict(memory0_ms=times[0] * 1e3, memory20_ms=times[20] * 1e3)
+
+
+def part_testset(args, rows, result):
+    o = _concat_images([proposal_like_outputs(500, 100, 20, seed=2000 + j)
+                        for j in range(args.testset_images // 500)])
+    gradient = lambda: ap_pseudo_gradient_multiclass(  # noqa: E731
+        o.probs, o.boxes, o.image_ids, o.gt_boxes, o.gt_labels, o.gt_image_ids,
+        o.gt_difficult, num_threads=1)
+    t = _cpu_time(gradient, max(1, args.repeats // 3))
+    cand = int((o.probs > 0.05).sum())
+    n_img = int(o.image_ids.max()) + 1
+    rows.append((f"test set: {n_img:,} images x 100 windows x 20 classes ({cand:,} candidates)",
+                 f"all pseudo-partials {t:.2f} s ({t / cand * 1e6:.1f} us per candidate)"))
+    result["testset"] = dict(seconds=t, candidates=cand)
+
+
+def part_brute(args, rows, result):
+    o = proposal_like_outputs(2, 150, 1, objects_per_image=(2, 4), seed=100)
+    inputs = _one_class(o, 0)
+    fast = _cpu_time(lambda: ap_pseudo_gradient(*inputs), args.repeats)
+    t = time.process_time()
+    _, g_ref = ap_pseudo_gradient_reference(*inputs)
+    brute = time.process_time() - t
+    _, g_fast = ap_pseudo_gradient(*inputs)
+    assert np.allclose(g_fast, g_ref, atol=1e-9, rtol=0), "fast != brute force"
+    rows.append(("brute force (the definition), N = 300, one class", f"{brute:.1f} s"))
+    rows.append(("fast, same problem", f"{fast * 1e3:.2f} ms  (speed-up {brute / fast:,.0f}x)"))
+    result["brute"] = dict(brute_s=brute, fast_ms=fast * 1e3)
+
+
+_COMPILE_CHILD = """
+import time
+from mapdet.core.apnms import ap_pseudo_gradient, ap_after_nms
+B = [0.0, 0.0, 10.0, 10.0]
+t = time.process_time()
+ap_pseudo_gradient([0.5, 0.4], [B, B], [0, 0], [B], [0])
+g = time.process_time() - t
+t = time.process_time()
+ap_after_nms([0.5], [B], [0], [B], [0])
+print(g, time.process_time() - t)
+"""
+
+
+def part_compile(args, rows, result):
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        out = subprocess.run([sys.executable, "-c", _COMPILE_CHILD], env=env, check=True,
+                             capture_output=True, text=True).stdout.split()
+    g, f = float(out[0]), float(out[1])
+    rows.append(("numba compile, fresh install: pseudo-gradient (first call)", f"{g:.1f} s CPU"))
+    rows.append(("numba compile, fresh install: forward AP after NMS (then)", f"{f:.1f} s CPU"))
+    result["compile"] = dict(gradient_s=g, forward_s=f)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=2)
-    parser.add_argument("--windows", type=int, default=2000, help="windows per image")
-    parser.add_argument("--classes", type=int, default=20)
-    parser.add_argument("--seeds", type=int, default=5, help="workloads averaged over")
+    parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--seeds", type=int, default=3, help="minibatch workloads averaged")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--brute-n", type=int, default=300, help="windows per class, brute force")
-    parser.add_argument("--skip-brute", action="store_true")
+    parser.add_argument("--testset-images", type=int, default=5000)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
-
-    rows = []
-    fwd_times, grad_times, cands, dets = [], [], [], []
-    for seed in range(args.seeds):
-        o = proposal_like_outputs(args.images, args.windows, args.classes, seed=seed)
-        k = o.probs.shape[1]
-
-        def forward(o=o, k=k):
-            return [ap_after_nms(*_one_class(o, c)) for c in range(k)]
-
-        def gradient(o=o):
-            return ap_pseudo_gradient_multiclass(
-                o.probs, o.boxes, o.image_ids, o.gt_boxes, o.gt_labels, o.gt_image_ids,
-                o.gt_difficult, num_threads=1)
-
-        fwd_times.append(_cpu_time(forward, args.repeats))
-        grad_times.append(_cpu_time(gradient, args.repeats))
-        cands.append(float((o.probs > 0.05).sum(0).mean()))
-        aps = np.array(forward())
-        dets.append(float(np.nanmean(aps)))
-    fwd, grad = float(np.mean(fwd_times)), float(np.mean(grad_times))
-    rows.append(("workload", f"{args.images} images x {args.windows} windows x {args.classes} "
-                 f"classes, {np.mean(cands):.0f} candidates/class (s > 0.05), "
-                 f"mean AP {np.mean(dets):.2f}, {args.seeds} seeds"))
-    rows.append(("forward AP after NMS, all classes", f"{fwd * 1e3:.1f} ms"))
-    rows.append(("pseudo-gradient, all classes", f"{grad * 1e3:.1f} ms  (target <= 50 ms)"))
-    rows.append(("pseudo-gradient / forward", f"{grad / fwd:.1f}x"))
-
-    result = dict(forward_ms=fwd * 1e3, gradient_ms=grad * 1e3, ratio=grad / fwd)
-    if not args.skip_brute:
-        # One class with objects, N windows: the brute force is the definition itself.
-        o = proposal_like_outputs(args.images, args.brute_n // args.images, 1,
-                                  objects_per_image=(2, 4), seed=100)
-        inputs = _one_class(o, 0)
-        fast = _cpu_time(lambda: ap_pseudo_gradient(*inputs), args.repeats)
-        t = time.process_time()
-        ap_ref, g_ref = ap_pseudo_gradient_reference(*inputs)
-        brute = time.process_time() - t
-        ap_fast, g_fast = ap_pseudo_gradient(*inputs)
-        assert np.allclose(g_fast, g_ref, atol=1e-9, rtol=0), "fast != brute force"
-        rows.append((f"brute force, N = {args.brute_n}, one class", f"{brute:.1f} s"))
-        rows.append((f"fast, N = {args.brute_n}, one class", f"{fast * 1e3:.2f} ms"))
-        rows.append(("speed-up over brute force", f"{brute / fast:,.0f}x  (target >= 1000x)"))
-        result.update(brute_s=brute, fast_small_ms=fast * 1e3, speedup=brute / fast)
-
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 used"
-    rows.append(("machine", machine))
-    width = max(len(r[0]) for r in rows)
-    print("\n".join(f"{name:<{width}}  {value}" for name, value in rows))
+    result: dict = {}
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+               f"1 used, load average {os.getloadavg()[0]:.1f} at start")
+    for part in args.only:
+        rows: list = []
+        globals()[f"part_{part}"](args, rows, result)
+        width = max(len(r[0]) for r in rows)
+        print(f"--- {part}")
+        print("\n".join(f"{name:<{width}}  {value}" for name, value in rows), flush=True)
+    print(f"machine: {machine}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(result, machine=machine), fh, indent=2)

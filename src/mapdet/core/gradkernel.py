@@ -88,8 +88,9 @@ def _walk(up, i, r_lo, r_hi, monotone, f0, tol, mu, s, runs, ctx, stats):
     the run's end). The NMS state and the other edits are fixed in ``ctx``. Returns the slope.
 
     Candidates are numbered ``j = 0..cnt-1``, nearest first. Monotone walks ("improves" is
-    false then true): probe the farthest, then binary search the first improving ``j``.
-    Otherwise every ``j`` is tried in order."""
+    false then true): probe the farthest (no improvement there: none anywhere), then gallop
+    from the nearest (``j = 0, 1, 3, 7, ...``) to the first improving probe and binary search
+    the bracket: ``O(log distance)`` queries. Otherwise every ``j`` is tried in order."""
     (run_start, run_end, run_s) = runs
     (base, pool, edits, gt, weights, thetas, scratch) = ctx
     cnt = r_hi - r_lo + 1
@@ -97,10 +98,11 @@ def _walk(up, i, r_lo, r_hi, monotone, f0, tol, mu, s, runs, ctx, stats):
         return 0.0
     if not monotone:
         stats[1] += 1
-    lo = 0  # monotone: the first improving j is in [lo, hi]
-    hi = cnt - 1
-    probed = False
+    lo = 0  # monotone, once bracketed: the first improving j is in [lo, hi]
+    hi = -1
+    step = 1
     j = cnt - 1 if monotone else 0
+    probed = not monotone or cnt == 1
     best_j = -1
     best_v = 0.0
     while True:
@@ -109,22 +111,31 @@ def _walk(up, i, r_lo, r_hi, monotone, f0, tol, mu, s, runs, ctx, stats):
         v = edited_ap(base, pool, edits, i, gap, gt, weights, thetas, scratch)  # one call site
         stats[0] += 1
         better = v > f0 + tol
+        if better:
+            best_j, best_v = j, v
         if not monotone:
-            if better:
-                best_j, best_v = j, v
+            if better or j == cnt - 1:
                 break
             j += 1
-            if j == cnt:
-                break
             continue
-        if not probed:
+        if not probed:  # the farthest candidate decides whether there is any improvement
             probed = True
             if not better:
                 break
-            best_j, best_v = j, v
+            j = 0
+            continue
+        if hi < 0:  # galloping
+            if better:
+                hi = j
+            else:
+                lo = j + 1
+                if j == cnt - 1:
+                    break  # no improvement anywhere
+                j = min(cnt - 1, j + step)
+                step *= 2
+                continue
         elif better:
             hi = j
-            best_j, best_v = j, v
         else:
             lo = j + 1
         if lo >= hi:
