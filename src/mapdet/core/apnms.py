@@ -28,7 +28,8 @@ from mapdet.core.gradkernel import base_detections, pseudo_gradient_kernel
 from mapdet.core.nms import detection_order
 from mapdet.core.pseudograd import IMPROVEMENT_TOL, SLOPE_RTOL, check_min_step
 
-__all__ = ["ap_after_nms", "ap_pseudo_gradient", "ap_pseudo_gradient_multiclass"]
+__all__ = ["ap_after_nms", "ap_pseudo_gradient", "ap_pseudo_gradient_multiclass",
+           "class_problems", "solve_classes"]
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -134,10 +135,11 @@ def ap_pseudo_gradient(
     return _solve(p)
 
 
-def _solve(p: _ClassProblem, grad_rows: int | None = None,
-           stats: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+def _solve(p: _ClassProblem, grad_rows: int | None = None, stats: np.ndarray | None = None,
+           gain: np.ndarray | None = None) -> tuple[float, np.ndarray]:
     """Run the kernel on one checked class; ``stats (4,)`` int64 accumulates the kernel's
-    counters (see :func:`mapdet.core.gradkernel.pseudo_gradient_kernel`)."""
+    counters and ``gain (N,)`` receives the AP gains (see
+    :func:`mapdet.core.gradkernel.pseudo_gradient_kernel`)."""
     n = p.scores.size
     grad = np.zeros(n, dtype=np.float64)
     if p.npos == 0:
@@ -149,8 +151,10 @@ def _solve(p: _ClassProblem, grad_rows: int | None = None,
             p.gt_difficult, p.thetas, p.weights, par)
     if stats is None:
         stats = np.zeros(4, dtype=np.int64)
+    if gain is None:
+        gain = np.zeros(n, dtype=np.float64)
     f0 = pseudo_gradient_kernel(prob, n if grad_rows is None else min(int(grad_rows), n),
-                                grad, stats)
+                                grad, gain, stats)
     return float(f0), grad
 
 
@@ -178,6 +182,20 @@ def ap_pseudo_gradient_multiclass(
         ``(aps (K,), grads (N, K))``: AP per class (NaN where undefined) and the
         pseudo-gradient of each class's AP w.r.t. that class's scores.
     """
+    problems = class_problems(scores, boxes, image_ids, gt_boxes, gt_labels, gt_image_ids,
+                              gt_difficult, score_threshold=score_threshold, nms_iou=nms_iou,
+                              match_iou=match_iou, ap_method=ap_method, min_step=min_step)
+    aps, grads, _ = solve_classes(problems, num_threads, grad_rows)
+    if not problems:
+        grads = np.zeros((np.asarray(scores).shape[0], 0))
+    return aps, grads
+
+
+def class_problems(scores, boxes, image_ids, gt_boxes, gt_labels, gt_image_ids,
+                   gt_difficult=None, *, score_threshold, nms_iou, match_iou, ap_method,
+                   min_step) -> list[_ClassProblem]:
+    """Check the ``K``-class inputs (as :func:`ap_pseudo_gradient_multiclass`) and split them
+    into one problem per class."""
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 2:
         raise ValueError(f"scores must have shape (N, K), got {scores.shape}")
@@ -205,12 +223,28 @@ def ap_pseudo_gradient_multiclass(
             gt_boxes[sel], gt_image_ids[sel], difficult[sel],
             score_threshold, nms_iou, match_iou, ap_method, min_step,
         ))
+    return problems
+
+
+def solve_classes(problems: list[_ClassProblem], num_threads: int | None = None,
+                  grad_rows: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run the kernel on every class (in threads): ``(aps (K,), grads (N, K), gains (N, K))``,
+    ``gains`` the AP gained at each pseudo-partial's nearest improvement."""
+    k = len(problems)
+    n = problems[0].scores.size if k else 0
+
+    def one(p):
+        gain = np.zeros(p.scores.size, dtype=np.float64)
+        ap, grad = _solve(p, grad_rows, None, gain)
+        return ap, grad, gain
+
     threads = num_threads or os.cpu_count() or 1
     if threads <= 1 or k <= 1:
-        results = [_solve(p, grad_rows) for p in problems]
+        results = [one(p) for p in problems]
     else:
         with ThreadPoolExecutor(max_workers=min(threads, k)) as pool:
-            results = list(pool.map(lambda p: _solve(p, grad_rows), problems))
+            results = list(pool.map(one, problems))
     aps = np.array([r[0] for r in results], dtype=np.float64)
-    grads = np.stack([r[1] for r in results], axis=1) if k else np.zeros((n, 0))
-    return aps, grads
+    if not k:
+        return aps, np.zeros((n, 0)), np.zeros((n, 0))
+    return aps, np.stack([r[1] for r in results], 1), np.stack([r[2] for r in results], 1)

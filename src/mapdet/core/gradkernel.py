@@ -90,12 +90,13 @@ def _walk(up, i, r_lo, r_hi, monotone, f0, tol, mu, s, runs, ctx, stats):
     Candidates are numbered ``j = 0..cnt-1``, nearest first. Monotone walks ("improves" is
     false then true): probe the farthest (no improvement there: none anywhere), then gallop
     from the nearest (``j = 0, 1, 3, 7, ...``) to the first improving probe and binary search
-    the bracket: ``O(log distance)`` queries. Otherwise every ``j`` is tried in order."""
+    the bracket: ``O(log distance)`` queries. Otherwise every ``j`` is tried in order.
+    Returns ``(slope, gain)``: ``gain`` is the AP gained at the nearest improvement."""
     (run_start, run_end, run_s) = runs
     (base, pool, edits, gt, weights, thetas, scratch) = ctx
     cnt = r_hi - r_lo + 1
     if cnt <= 0:
-        return 0.0
+        return 0.0, 0.0
     if not monotone:
         stats[1] += 1
     lo = 0  # monotone, once bracketed: the first improving j is in [lo, hi]
@@ -142,10 +143,33 @@ def _walk(up, i, r_lo, r_hi, monotone, f0, tol, mu, s, runs, ctx, stats):
             break
         j = (lo + hi) >> 1
     if best_j < 0:
-        return 0.0
+        return 0.0, 0.0
     r = r_hi - best_j if up else r_lo + best_j
     delta = run_s[r] - s[i] if up else s[i] - run_s[r]
-    return (best_v - f0) / (delta + mu)
+    return (best_v - f0) / (delta + mu), best_v - f0
+
+
+@njit(cache=True, nogil=True)
+def _kept_neighbours(i, boxes, b, dptr, idet, dbox, nu, seeds):
+    """The detections of image ``b`` with ``IoU > nu`` with window ``i``, in rank order,
+    into ``seeds``; returns their number. Same arithmetic as :func:`overlap.iou`; a pair
+    that does not intersect has IoU 0 and is skipped before the division (exact for
+    ``nu >= 0``; the full IoU is computed otherwise)."""
+    x1, y1, x2, y2 = boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3]
+    area_i = (x2 - x1 + 0.0) * (y2 - y1 + 0.0)
+    k = 0
+    for j in range(dptr[b], dptr[b + 1]):
+        iw = max(min(x2, dbox[j, 2]) - max(x1, dbox[j, 0]) + 0.0, 0.0)
+        ih = max(min(y2, dbox[j, 3]) - max(y1, dbox[j, 1]) + 0.0, 0.0)
+        inter = iw * ih
+        if inter == 0.0 and nu >= 0.0:
+            continue
+        union = dbox[j, 4] + area_i - inter
+        v = inter / union if union > 0.0 else 0.0
+        if v > nu:
+            seeds[k] = idet[j]
+            k += 1
+    return k
 
 
 @njit(cache=True, nogil=True)
@@ -195,12 +219,14 @@ def _unload(edits, n_keep):
 
 
 @njit(cache=True, nogil=True)
-def pseudo_gradient_kernel(prob, n_grad, grad, stats):
+def pseudo_gradient_kernel(prob, n_grad, grad, gain, stats):
     """Exact pseudo-gradient of AP after NMS for one class; returns ``f(x)``.
 
     ``prob = (s, boxes, img, n_img, order, rank, best, best_iou, gt_diff, thetas, weights,
-    par)`` with ``par = [tau, nu, mu, tol, slope_rtol]``. Fills ``grad[:n_grad]``; the windows
-    from ``n_grad`` on take part in the AP only. ``stats (4,)`` int64 accumulates
+    par)`` with ``par = [tau, nu, mu, tol, slope_rtol]``. Fills ``grad[:n_grad]`` and
+    ``gain[:n_grad]`` (the AP gained at the nearest improvement in the direction the
+    pseudo-partial points to; 0 where it is 0); the windows from ``n_grad`` on take part in
+    the AP only. ``stats (4,)`` int64 accumulates
     ``[AP queries, scanned walks, direct segment sums, segment queries]``."""
     (s, boxes, img, n_img, order, rank, best, best_iou, gt_diff, thetas, weights, par) = prob
     tau, nu, mu, tol, rtol = par[0], par[1], par[2], par[3], par[4]
@@ -225,6 +251,14 @@ def pseudo_gradient_kernel(prob, n_grad, grad, stats):
         det_pos[det[p]] = p
         det_rank[p] = rank[det[p]]
     dptr, idet = group_by(img, det, n_img)
+    # The detections' boxes and areas per image, contiguous: every window that is not a
+    # detection scans its image's detections for its kept neighbours.
+    dbox = np.empty((n_det, 5), dtype=np.float64)
+    for j in range(n_det):
+        d = idet[j]
+        for c in range(4):
+            dbox[j, c] = boxes[d, c]
+        dbox[j, 4] = (boxes[d, 2] - boxes[d, 0] + 0.0) * (boxes[d, 3] - boxes[d, 1] + 0.0)
     # Tied-score runs of the base list, once.
     run_id = np.empty(n_det, dtype=np.int64)
     run_start = np.empty(n_det, dtype=np.int64)
@@ -278,9 +312,11 @@ def pseudo_gradient_kernel(prob, n_grad, grad, stats):
             ed[COUNT, 1] = 0
             r0 = run_id[q0]
             up = 0.0
+            up_gain = 0.0
             if tp_any:  # an FP or ignored detection moving up cannot raise the AP
                 r_max = r0 if run_start[r0] < q0 else r0 - 1
-                up = _walk(go_up, i, zero, r_max, monotone, f0, tol, mu, s, runs, ctx, stats)
+                up, up_gain = _walk(go_up, i, zero, r_max, monotone, f0, tol, mu, s, runs, ctx,
+                                    stats)
             # S_down: i removed (one suppression event; chg[i] = 2 marks it gone).
             chg[i] = 2
             n_seeds = zero
@@ -316,22 +352,23 @@ def pseudo_gradient_kernel(prob, n_grad, grad, stats):
                     lo = mid
                 else:
                     hi = mid - 1
-            down = _walk(go_down, i, r_first, lo, monotone, f0, tol, mu, s, runs, ctx, stats)
+            down, down_gain = _walk(go_down, i, r_first, lo, monotone, f0, tol, mu, s, runs,
+                                    ctx, stats)
             removed[q0] = False
             ed[COUNT, 0] = 0
             if down == 0.0 and f_down > f0 + tol:
                 down = (f_down - f0) / (si - b_sw + mu)
+                down_gain = f_down - f0
             grad[i] = _combine(up, down, rtol)
+            if grad[i] > 0.0:
+                gain[i] = up_gain
+            elif grad[i] < 0.0:
+                gain[i] = down_gain
         else:
             # ---- i is not a detection: only moving up can change anything.
             n_seeds = zero
-            b = img[i]
             if nu < 1.0:
-                for j in range(dptr[b], dptr[b + 1]):
-                    d = idet[j]
-                    if iou(boxes, d, i) > nu:
-                        seeds[n_seeds] = d
-                        n_seeds += 1
+                n_seeds = _kept_neighbours(i, boxes, img[i], dptr, idet, dbox, nu, seeds)
             if n_seeds == 0 and not tp_any:
                 # Enters at the bottom as an FP (an FP after the last TP changes no
                 # precision) and can only lose by moving further up.
@@ -355,9 +392,10 @@ def pseudo_gradient_kernel(prob, n_grad, grad, stats):
             stats[0] += 1
             if v > f0 + tol:
                 grad[i] = (v - f0) / (b_entry - si + mu)
+                gain[i] = v - f0
             elif tp_any:
-                grad[i] = _walk(go_up, i, zero, r_entry - 1, monotone, f0, tol, mu, s, runs, ctx,
-                                stats)
+                grad[i], gain[i] = _walk(go_up, i, zero, r_entry - 1, monotone, f0, tol, mu, s,
+                                         runs, ctx, stats)
             _unload(edits, zero)
     stats[2] += pool[4][2]
     stats[3] += pool[4][3]
