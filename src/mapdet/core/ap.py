@@ -45,6 +45,7 @@ __all__ = [
     "ap_weights",
     "average_precision",
     "best_ground_truth",
+    "image_groups",
     "check_ap_method",
     "label_detections",
     "match_detections",
@@ -102,12 +103,14 @@ class GroundTruth:
 
 
 def best_ground_truth(
-    boxes: np.ndarray, image_ids: np.ndarray, gt: GroundTruth, pixel_offset: float = 0.0
+    boxes: np.ndarray, image_ids: np.ndarray, gt: GroundTruth, pixel_offset: float = 0.0,
+    groups: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """For every window, the ground truth of its image with the largest IoU.
 
     Args:
         boxes: ``(N, 4)`` xyxy windows; ``image_ids``: ``(N,)`` int.
+        groups: optional :func:`image_groups` of ``image_ids``, when several calls share them.
 
     Returns:
         ``(best (N,) int64, iou (N,) float64)``: index into ``gt`` (ties: lowest index), or -1
@@ -118,15 +121,27 @@ def best_ground_truth(
     best_iou = np.zeros(n, dtype=np.float64)
     if n == 0 or gt.boxes.shape[0] == 0:
         return best, best_iou
-    image_ids = np.asarray(image_ids)
-    for img in np.intersect1d(np.unique(image_ids), gt.image_ids):
-        rows = np.flatnonzero(image_ids == img)
-        cols = np.flatnonzero(gt.image_ids == img)
+    order, sorted_ids = groups if groups is not None else image_groups(image_ids)
+    gt_order, gt_sorted = image_groups(gt.image_ids)
+    imgs = np.intersect1d(sorted_ids, gt_sorted)
+    lo, hi = np.searchsorted(sorted_ids, imgs, "left"), np.searchsorted(sorted_ids, imgs, "right")
+    g_lo = np.searchsorted(gt_sorted, imgs, "left")
+    g_hi = np.searchsorted(gt_sorted, imgs, "right")
+    for k in range(imgs.size):
+        rows = order[lo[k]:hi[k]]
+        cols = gt_order[g_lo[k]:g_hi[k]]  # ascending: ties go to the lowest index
         iou = box_iou(boxes[rows], gt.boxes[cols], pixel_offset)
         arg = np.argmax(iou, axis=1)  # first maximum: lowest index on ties
         best[rows] = cols[arg]
         best_iou[rows] = iou[np.arange(rows.size), arg]
     return best, best_iou
+
+
+def image_groups(image_ids) -> tuple[np.ndarray, np.ndarray]:
+    """``(order, sorted_ids)``: a stable sort of ``image_ids`` (each image's rows ascending)."""
+    image_ids = np.asarray(image_ids).reshape(-1)
+    order = np.argsort(image_ids, kind="stable")
+    return order, image_ids[order]
 
 
 def label_detections(

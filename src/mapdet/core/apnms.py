@@ -20,9 +20,10 @@ from mapdet.core.ap import (
     ap_weights,
     best_ground_truth,
     check_ap_method,
+    image_groups,
     match_thresholds,
 )
-from mapdet.core.boxes import as_boxes, check_finite
+from mapdet.core.boxes import as_boxes, check_boxes, check_finite
 from mapdet.core.editap import ap_of_list
 from mapdet.core.gradkernel import base_detections, pseudo_gradient_kernel
 from mapdet.core.nms import detection_order
@@ -36,10 +37,13 @@ __all__ = ["ap_after_nms", "ap_pseudo_gradient", "ap_pseudo_gradient_multiclass"
 
 
 class _ClassProblem:
-    """Validated inputs of one class, in the integer form the kernels take."""
+    """Validated inputs of one class, in the integer form the kernels take.
+
+    ``shared``: what :func:`class_problems` computes once for all classes (the boxes already
+    checked; ``image_ids`` int64, dense image ids, their count, :func:`image_groups`)."""
 
     def __init__(self, scores, boxes, image_ids, gt_boxes, gt_image_ids, gt_difficult,
-                 score_threshold, nms_iou, match_iou, ap_method, min_step=None):
+                 score_threshold, nms_iou, match_iou, ap_method, min_step=None, shared=None):
         check_ap_method(ap_method)
         self.thetas = match_thresholds(match_iou)
         if min_step is not None:
@@ -51,25 +55,36 @@ class _ClassProblem:
             raise ValueError(f"scores must have shape (N,), got {self.scores.shape}")
         check_finite("scores", self.scores)
         n = self.scores.shape[0]
-        self.boxes = np.ascontiguousarray(as_boxes("boxes", boxes, n))
-        image_ids = np.asarray(image_ids).reshape(-1)
-        if image_ids.shape[0] != n:
-            raise ValueError(f"image_ids has {image_ids.shape[0]} entries, scores has {n}")
+        if shared is None:
+            self.boxes = np.ascontiguousarray(as_boxes("boxes", boxes, n))
+            image_ids = np.asarray(image_ids).reshape(-1)
+            if image_ids.shape[0] != n:
+                raise ValueError(f"image_ids has {image_ids.shape[0]} entries, scores has {n}")
+        else:
+            self.boxes = np.ascontiguousarray(boxes)
         gt = GroundTruth(gt_boxes, gt_image_ids, gt_difficult)
         self.npos = gt.npos
         self.gt_difficult = gt.difficult
         self.image_ids = image_ids.astype(np.int64)
         if self.npos == 0:
             return  # AP undefined: nothing else is needed
-        self.best, self.best_iou = best_ground_truth(self.boxes, self.image_ids, gt)
+        self.best, self.best_iou = best_ground_truth(
+            self.boxes, self.image_ids, gt, groups=None if shared is None else shared[3])
         self.weights = ap_weights(gt.npos, ap_method)
         self.order = detection_order(self.scores, self.tau)
         self.rank = np.full(n, -1, dtype=np.int64)
         self.rank[self.order] = np.arange(self.order.size)
-        # Dense image ids 0..B-1 (only windows' images matter for NMS).
-        _, self.dense_img = np.unique(self.image_ids, return_inverse=True)
-        self.dense_img = self.dense_img.astype(np.int64).reshape(-1)
-        self.n_img = int(self.dense_img.max()) + 1 if n else 0
+        if shared is not None:
+            self.dense_img, self.n_img = shared[1], shared[2]
+        else:
+            self.dense_img, self.n_img = _dense_images(self.image_ids)
+
+
+def _dense_images(image_ids: np.ndarray) -> tuple[np.ndarray, int]:
+    """Image ids renumbered ``0..B-1`` (only windows' images matter for NMS), and ``B``."""
+    _, dense = np.unique(image_ids, return_inverse=True)
+    dense = dense.astype(np.int64).reshape(-1)
+    return dense, int(dense.max()) + 1 if dense.size else 0
 
 
 def _check_number(name: str, value) -> float:
@@ -215,13 +230,27 @@ def class_problems(scores, boxes, image_ids, gt_boxes, gt_labels, gt_image_ids,
     gt_image_ids = np.asarray(gt_image_ids, dtype=np.int64).reshape(-1)
     difficult = (np.zeros(gt_labels.size, dtype=bool) if gt_difficult is None
                  else np.asarray(gt_difficult, dtype=bool).reshape(-1))
+    if gt_image_ids.shape[0] != gt_labels.shape[0]:
+        raise ValueError(f"gt_image_ids has {gt_image_ids.shape[0]} entries, gt_labels has "
+                         f"{gt_labels.shape[0]}")
+    if difficult.shape[0] != gt_labels.shape[0]:
+        raise ValueError(f"gt_difficult has {difficult.shape[0]} entries, gt_labels has "
+                         f"{gt_labels.shape[0]}")
+    # Once for all classes: the boxes checked, the image ids and their groups.
+    check_boxes("boxes", boxes.reshape(-1, 4))
+    ids = np.asarray(image_ids).reshape(-1)
+    if ids.shape[0] != n:
+        raise ValueError(f"image_ids has {ids.shape[0]} entries, scores has {n}")
+    ids = ids.astype(np.int64)
+    dense, n_img = _dense_images(ids)
+    shared = (ids, dense, n_img, image_groups(ids))
     problems = []
     for c in range(k):
         sel = gt_labels == c
         problems.append(_ClassProblem(
-            scores[:, c], boxes[:, c] if boxes.ndim == 3 else boxes, image_ids,
+            scores[:, c], boxes[:, c] if boxes.ndim == 3 else boxes, ids,
             gt_boxes[sel], gt_image_ids[sel], difficult[sel],
-            score_threshold, nms_iou, match_iou, ap_method, min_step,
+            score_threshold, nms_iou, match_iou, ap_method, min_step, shared,
         ))
     return problems
 
