@@ -11,22 +11,34 @@ Public names:
 - :func:`ap_blame`: pseudo-partials of every class's AP over a whole test set, and which
   detections cost the AP most (:class:`mapdet.core.blame.APBlame`).
 - :func:`pseudo_gradient`: pseudo-gradients of any piecewise-constant function.
-- :class:`MAPLoss`: the PyTorch loss (imported lazily, so ``mapdet.core`` works without torch).
+- :class:`MAPLoss`: the PyTorch loss.
+
+Every name is imported on first use: ``import mapdet`` loads neither torch (``MAPLoss``) nor
+numba (the core's compiled kernels), so that ``mapdet.core`` works without torch and the
+evaluation of result files (``mapdet eval --voc``) starts fast.
 """
 
-from mapdet.core.apnms import ap_after_nms, ap_pseudo_gradient
-from mapdet.core.blame import ap_blame
-from mapdet.core.pseudograd import pseudo_gradient
+import importlib
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "MAPLoss": "mapdet.loss",
+    "ap_after_nms": "mapdet.core.apnms",
+    "ap_blame": "mapdet.core.blame",
+    "ap_pseudo_gradient": "mapdet.core.apnms",
+    "pseudo_gradient": "mapdet.core.pseudograd",
+}
 
 __all__ = ["MAPLoss", "ap_after_nms", "ap_blame", "ap_pseudo_gradient", "pseudo_gradient",
            "__version__"]
 
 
 def __getattr__(name: str):
-    if name == "MAPLoss":
-        from mapdet.loss import MAPLoss
-
-        return MAPLoss
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'mapdet' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--continuous", action="store_true",
                    help="mode 2: score with continuous boxes and IoU >= 0.5 instead of the "
                    "devkit's exact arithmetic (1-based pixels, +1 widths, IoU > 0.5)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="mode 2: parse the annotations without the annotation cache "
+                   "($MAPDET_CACHE_DIR or ~/.cache/mapdet; checked by file size and mtime)")
     p.add_argument("--out", type=Path, help="mode 1: output directory; mode 2: metrics.json path")
     _add_common(p)
 
@@ -162,20 +165,23 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from mapdet.config import ConfigError
-
     if args.voc is not None or args.results is not None:
+        # scoring result files: numpy only, no torch (tests/test_cli_eval_files.py checks)
         if args.voc is None or args.results is None:
-            raise ConfigError("scoring result files needs both --voc ROOT and --results DIR")
+            raise _config_error("scoring result files needs both --voc ROOT and --results DIR")
         if args.config or args.checkpoint:
-            raise ConfigError("give either CONFIG --checkpoint CKPT or --voc/--results, not both")
-        from mapdet.engine.evaluate import score_result_files
+            raise _config_error("give either CONFIG --checkpoint CKPT or --voc/--results, "
+                                "not both")
+        from mapdet.evaluation.report import score_result_files
 
         report = score_result_files(args.voc, args.results, year=args.year,
                                     split=args.split or "test", metric=args.metric,
-                                    devkit=not args.continuous, out=args.out)
+                                    devkit=not args.continuous, out=args.out,
+                                    cache_dir=False if args.no_cache else None)
         print(report.table())
         return 0
+    from mapdet.config import ConfigError
+
     if not args.checkpoint:
         raise ConfigError("mapdet eval needs --checkpoint CKPT (with an optional CONFIG), "
                           "or --voc ROOT --results DIR")
@@ -185,6 +191,12 @@ def _cmd_eval(args) -> int:
                                  split=args.split, out=args.out, progress=not args.no_progress)
     print(report.table())
     return 0
+
+
+def _config_error(message: str) -> Exception:
+    from mapdet.config import ConfigError
+
+    return ConfigError(message)
 
 
 def _cmd_detect(args) -> int:
@@ -226,31 +238,27 @@ _COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "detect": _cmd_detect,
              "proposals": _cmd_proposals, "demo": _cmd_demo}
 
 
+#: Exception classes that mean bad input (reported in one line, exit code 2), by module. An
+#: exception can only be an instance of a class whose module was imported, so only modules
+#: already in ``sys.modules`` are looked at: reporting an error imports nothing (no torch
+#: after ``mapdet eval --voc``).
+_INPUT_ERRORS = (
+    ("mapdet.config", "ConfigError"),
+    ("mapdet.engine.checkpoint", "CheckpointError"),
+    ("mapdet.data.base", "AnnotationError"),
+    ("mapdet.models.backbones", "PretrainedWeightsUnavailableError"),
+    ("mapdet.data.proposals", "ProposalFileError"),
+)
+
+
 def _input_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input (reported in one line, exit code 2)."""
-    from mapdet.config import ConfigError
-    from mapdet.engine.checkpoint import CheckpointError
-
-    errors: list[type[BaseException]] = [ConfigError, CheckpointError, FileNotFoundError,
-                                         NotADirectoryError, PermissionError, FileExistsError]
-    try:
-        from mapdet.data.base import AnnotationError
-
-        errors.append(AnnotationError)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from mapdet.models.backbones import PretrainedWeightsUnavailableError
-
-        errors.append(PretrainedWeightsUnavailableError)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from mapdet.data.proposals import ProposalFileError
-
-        errors.append(ProposalFileError)
-    except ImportError:
-        pass
+    errors: list[type[BaseException]] = [FileNotFoundError, NotADirectoryError,
+                                         PermissionError, FileExistsError]
+    for module, name in _INPUT_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None:
+            errors.append(cls)
     return tuple(errors)
 
 
@@ -270,9 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
-        from mapdet.engine.train import TrainingDiverged
-
-        if isinstance(exc, TrainingDiverged):
+        diverged = getattr(sys.modules.get("mapdet.engine.train"), "TrainingDiverged", None)
+        if diverged is not None and isinstance(exc, diverged):
             _error(exc)
             return 1
         if isinstance(exc, _input_errors()) or isinstance(exc, (ValueError, KeyError, OSError)):

@@ -6,9 +6,13 @@
 - :mod:`mapdet.data.coco`: :class:`COCODataset` (pycocotools).
 - :mod:`mapdet.data.digits`: the embedded benchmark, :func:`write_digits_voc`,
   :data:`DIGIT_CLASSES`.
-- :mod:`mapdet.data.transforms`: resize, flip, normalise, collate (imports torch, so it is
-  imported on first use of one of its names here).
+- :mod:`mapdet.data.transforms`: resize, flip, normalise, collate (imports torch).
+
+The COCO, digits and transforms modules are imported on first use of one of their names here
+(they pull in pycocotools, OpenCV and torch), so that reading VOC annotations stays light.
 """
+
+import importlib
 
 from mapdet.data.base import (
     AnnotationError,
@@ -18,8 +22,6 @@ from mapdet.data.base import (
     image_size,
     read_image,
 )
-from mapdet.data.coco import COCODataset
-from mapdet.data.digits import DIGIT_CLASSES, digits_dataset, write_digits_voc
 from mapdet.data.voc import VOC_CLASSES, VOCDataset, parse_voc_xml, voc_raw_boxes
 
 _TRANSFORMS = (
@@ -52,9 +54,16 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in _TRANSFORMS:
-        from mapdet.data import transforms
+_LAZY = {
+    "COCODataset": "mapdet.data.coco",
+    "DIGIT_CLASSES": "mapdet.data.digits",
+    "digits_dataset": "mapdet.data.digits",
+    "write_digits_voc": "mapdet.data.digits",
+    **{name: "mapdet.data.transforms" for name in _TRANSFORMS},
+}
 
-        return getattr(transforms, name)
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'mapdet.data' has no attribute {name!r}")

@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -28,9 +29,11 @@ __all__ = [
     "VOC_CLASSES",
     "UnknownClassError",
     "VOCDataset",
+    "VOCObjects",
     "find_voc_base",
     "parse_voc_xml",
     "read_split",
+    "read_voc_objects",
     "voc_raw_boxes",
 ]
 
@@ -87,6 +90,93 @@ def _resolve_image_path(image_dir: Path, image_id: str, filename: str | None) ->
     return image_dir / f"{image_id}.jpg"
 
 
+class VOCObjects(NamedTuple):
+    """The objects of one VOC annotation file, as written (nothing clipped or dropped).
+
+    Attributes:
+        width, height: the image size (``<size>``, or the image file's header).
+        filename: the ``<filename>`` text, or ``None``.
+        raw_boxes: ``(M, 4)`` float64, the XML's 1-based inclusive ``xmin, ymin, xmax, ymax``.
+        labels: ``(M,)`` int64 in ``0..K-1``.
+        difficult: ``(M,)`` bool.
+        truncated: ``(M,)`` bool.
+    """
+
+    width: int
+    height: int
+    filename: str | None
+    raw_boxes: np.ndarray
+    labels: np.ndarray
+    difficult: np.ndarray
+    truncated: np.ndarray
+
+
+def read_voc_objects(
+    path: str | Path,
+    label_of: dict[str, int],
+    *,
+    data: bytes | None = None,
+    image_dir: str | Path | None = None,
+    image_id: str | None = None,
+    use_difficult: bool = True,
+    skip_unknown: bool = False,
+) -> VOCObjects:
+    """Parse one VOC annotation file into its objects, in file order, boxes as written.
+
+    Args:
+        path: the XML file (named in errors).
+        label_of: class name -> label.
+        data: the file's bytes when already read (else ``path`` is read).
+        image_dir, image_id: where to find the image when ``<size>`` is missing or zero
+            (default ``<xml folder>/../JPEGImages`` and the file's stem).
+        use_difficult, skip_unknown: as in :func:`parse_voc_xml`.
+
+    Raises:
+        AnnotationError, FileNotFoundError: as :func:`parse_voc_xml`.
+    """
+    path = Path(path)
+    try:
+        root = ET.fromstring(data) if data is not None else ET.parse(path).getroot()
+    except ET.ParseError as exc:
+        raise AnnotationError(f"malformed XML in {path}: {exc}") from exc
+    except OSError as exc:
+        raise AnnotationError(f"cannot read annotation file {path}: {exc}") from exc
+    filename = _text(root, "filename")
+
+    def image_path() -> Path:
+        folder = Path(image_dir) if image_dir is not None else path.parent.parent / "JPEGImages"
+        return _resolve_image_path(folder, image_id if image_id is not None else path.stem,
+                                   filename)
+
+    width, height = _read_size(root, path, image_path)
+    raw, labels, difficult, truncated = [], [], [], []
+    for k, obj in enumerate(root.findall("object")):
+        name = _text(obj, "name")
+        where = f"{path}, object {k}" + (f" ({name!r})" if name else "")
+        if name is None:
+            raise AnnotationError(f"{where}: object without <name>")
+        label = label_of.get(name)
+        if label is None:
+            if skip_unknown:
+                logger.debug("%s: skipping unknown class %r", where, name)
+                continue
+            raise UnknownClassError(
+                f"{where}: unknown class name {name!r}; known classes: {', '.join(label_of)}"
+                " (pass skip_unknown=True to ignore such objects)"
+            )
+        is_difficult = _flag(obj, "difficult", where)
+        if is_difficult and not use_difficult:
+            continue
+        raw.append(_read_bndbox(obj, where))
+        labels.append(label)
+        difficult.append(is_difficult)
+        truncated.append(_flag(obj, "truncated", where))
+    return VOCObjects(width, height, filename,
+                      np.asarray(raw, dtype=np.float64).reshape(-1, 4),
+                      np.asarray(labels, dtype=np.int64), np.asarray(difficult, dtype=bool),
+                      np.asarray(truncated, dtype=bool))
+
+
 def parse_voc_xml(
     path: str | Path,
     class_names: Sequence[str] = VOC_CLASSES,
@@ -112,14 +202,17 @@ def parse_voc_xml(
     Returns:
         The record. ``boxes`` is ``(M, 4)`` float32 continuous ``xyxy``, clipped to the image;
         ``extra`` holds ``"voc_raw_boxes"`` ``(M, 4)`` float64 (the file's 1-based inclusive
-        ``xmin, ymin, xmax, ymax``, unclipped), ``"truncated"`` ``(M,)`` bool and
-        ``"xml_path"``.
+        ``xmin, ymin, xmax, ymax``, unclipped), ``"truncated"`` ``(M,)`` bool,
+        ``"xml_path"``, and ``"voc_devkit_objects"``: the :class:`VOCObjects` of the file,
+        every object the devkit counts (degenerate and outside boxes included), for
+        devkit-exact evaluation.
 
     Real-world quirks handled: float coordinates (``"273.5"``); missing ``difficult``,
     ``truncated`` or ``pose`` (treated as 0 / absent); unknown extra tags (ignored); a missing
     or zero ``<size>`` (read from the image file's header); boxes past the image border
-    (clipped, with a warning naming file and object); boxes empty after clipping (dropped,
-    with a warning). An image without objects gives ``M = 0``.
+    (clipped, with a warning naming file and object); boxes empty after clipping (dropped
+    from ``boxes``, with a warning; the devkit still counts them, see above). An image
+    without objects gives ``M = 0``.
 
     Raises:
         AnnotationError: malformed XML (with the parser's message), an object without
@@ -130,63 +223,39 @@ def parse_voc_xml(
     path = Path(path)
     class_names = tuple(class_names)
     label_of = {c: i for i, c in enumerate(class_names)}
-    try:
-        root = ET.parse(path).getroot()
-    except ET.ParseError as exc:
-        raise AnnotationError(f"malformed XML in {path}: {exc}") from exc
-    except OSError as exc:
-        raise AnnotationError(f"cannot read annotation file {path}: {exc}") from exc
-
+    objs = read_voc_objects(path, label_of, image_dir=image_dir, image_id=image_id,
+                            use_difficult=use_difficult, skip_unknown=skip_unknown)
     image_id = image_id if image_id is not None else path.stem
     image_dir = Path(image_dir) if image_dir is not None else path.parent.parent / "JPEGImages"
-    image_path = _resolve_image_path(image_dir, image_id, _text(root, "filename"))
-    width, height = _read_size(root, path, image_path)
-
-    boxes, raw, labels, difficult, truncated = [], [], [], [], []
-    for k, obj in enumerate(root.findall("object")):
-        name = _text(obj, "name")
-        where = f"{path}, object {k}" + (f" ({name!r})" if name else "")
-        if name is None:
-            raise AnnotationError(f"{where}: object without <name>")
-        if name not in label_of:
-            if skip_unknown:
-                logger.debug("%s: skipping unknown class %r", where, name)
-                continue
-            raise UnknownClassError(
-                f"{where}: unknown class name {name!r}; known classes: {', '.join(class_names)}"
-                " (pass skip_unknown=True to ignore such objects)"
-            )
-        is_difficult = _flag(obj, "difficult", where)
-        if is_difficult and not use_difficult:
-            continue
-        xyxy_raw = _read_bndbox(obj, where)
-        box = _clip_box(xyxy_raw, width, height, where)
-        if box is None:
-            continue
-        boxes.append(box)
-        raw.append(xyxy_raw)
-        labels.append(label_of[name])
-        difficult.append(is_difficult)
-        truncated.append(_flag(obj, "truncated", where))
-
+    image_path = _resolve_image_path(image_dir, image_id, objs.filename)
+    keep, boxes = [], []
+    for k, raw in enumerate(objs.raw_boxes.tolist()):
+        where = f"{path}, object {k} ({class_names[objs.labels[k]]!r})"
+        box = _clip_box(raw, objs.width, objs.height, where)
+        if box is not None:
+            keep.append(k)
+            boxes.append(box)
     return ImageRecord(
         image_id=image_id,
         path=image_path,
-        width=width,
-        height=height,
+        width=objs.width,
+        height=objs.height,
         boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
-        labels=np.asarray(labels, dtype=np.int64),
-        difficult=np.asarray(difficult, dtype=bool),
+        labels=objs.labels[keep],
+        difficult=objs.difficult[keep],
         extra={
-            "voc_raw_boxes": np.asarray(raw, dtype=np.float64).reshape(-1, 4),
-            "truncated": np.asarray(truncated, dtype=bool),
+            "voc_raw_boxes": objs.raw_boxes[keep].reshape(-1, 4),
+            "truncated": objs.truncated[keep],
             "xml_path": path,
+            "voc_devkit_objects": objs,
         },
     )
 
 
-def _read_size(root: ET.Element, path: Path, image_path: Path) -> tuple[int, int]:
-    """``(width, height)`` from ``<size>``, or from the image file when absent or zero."""
+def _read_size(root: ET.Element, path: Path, image_path: Callable[[], Path]
+               ) -> tuple[int, int]:
+    """``(width, height)`` from ``<size>``, or from the image file (``image_path()``) when
+    absent or zero."""
     size = root.find("size")
     try:
         w = float(_text(size, "width") or 0)
@@ -195,6 +264,7 @@ def _read_size(root: ET.Element, path: Path, image_path: Path) -> tuple[int, int
         raise AnnotationError(f"{path}: <size> has a non-numeric width or height") from None
     if w > 0 and h > 0:
         return int(round(w)), int(round(h))
+    image_path = image_path()
     logger.debug("%s: no usable <size>; reading the size of %s", path, image_path)
     try:
         return image_size(image_path)

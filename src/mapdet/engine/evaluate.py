@@ -19,7 +19,6 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ from mapdet.engine.builders import (
 )
 from mapdet.engine.data_loading import Batch, make_eval_loader
 from mapdet.engine.distributed import current_env, gather_dicts, init_distributed
+from mapdet.evaluation.report import EvalReport, score_result_files
 from mapdet.progress import progress_bar
 
 __all__ = [
@@ -124,61 +124,6 @@ def run_inference(
         model.train(was_training)
     seconds = time.perf_counter() - t0
     return dets, (n / seconds if seconds > 0 else math.nan)
-
-
-# --------------------------------------------------------------------------------------------
-# Reports
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EvalReport:
-    """Scores of one evaluation: one :class:`~mapdet.evaluation.voc.EvalResult` per metric."""
-
-    results: dict[str, Any]
-    class_names: tuple[str, ...]
-    num_images: int = 0
-    images_per_sec: float = math.nan
-    out_dir: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def metric(self) -> str:
-        """The primary metric (the first evaluated)."""
-        return next(iter(self.results))
-
-    @property
-    def mAP(self) -> float:  # noqa: N802 - the field name used everywhere
-        return float(self.results[self.metric].mAP)
-
-    def to_json(self) -> dict[str, Any]:
-        """``{"mAP", "metric", "per_class", "mAP_<metric>"..., "metrics", "num_images",
-        "images_per_sec", ...}``; undefined APs are ``null``."""
-        primary = self.results[self.metric].to_json()
-        out: dict[str, Any] = {"mAP": primary["mAP"], "metric": self.metric,
-                               "per_class": primary["per_class"]}
-        for name, r in self.results.items():
-            out[f"mAP_{name}"] = r.to_json()["mAP"]
-        out["metrics"] = {name: r.to_json() for name, r in self.results.items()}
-        out["num_images"] = self.num_images
-        out["images_per_sec"] = None if math.isnan(self.images_per_sec) else self.images_per_sec
-        out.update(self.extra)
-        return out
-
-    def write_json(self, path: str | Path) -> Path:
-        """Write :meth:`to_json` atomically to ``path``."""
-        from mapdet.evaluation.export import atomic_write_text
-
-        return atomic_write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
-
-    def table(self) -> str:
-        """A per-class table of every metric (APs in percent), then the mean and the speed."""
-        from mapdet.evaluation.table import format_per_class
-
-        text = format_per_class(self.results, class_names=self.class_names)
-        if not math.isnan(self.images_per_sec):
-            text += f"\n{self.num_images} images, {self.images_per_sec:.1f} images/s"
-        return text
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,40 +294,6 @@ def evaluate_checkpoint(
 # --------------------------------------------------------------------------------------------
 # Result files, and detection on image files
 # --------------------------------------------------------------------------------------------
-
-
-def score_result_files(voc_root: str | Path, results_dir: str | Path, *, year: str = "2007",
-                       split: str = "test", metric: str | None = None, devkit: bool = True,
-                       out: str | Path | None = None) -> EvalReport:
-    """Score devkit result files against a VOC-layout data set (``mapdet eval --voc``).
-
-    ``metric`` defaults to ``voc07`` for VOC 2007 and ``area`` otherwise. The class names are
-    VOC's 20, or the digits benchmark's when ``voc_root`` holds one. ``out``: the
-    ``metrics.json`` path (``{"mAP", "per_class", "metric", ...}``).
-    """
-    from mapdet.data.voc import VOCDataset
-    from mapdet.evaluation.voc import evaluate_voc_results_dir
-
-    metric = metric or ("voc07" if str(year) == "2007" else "area")
-    class_names = None
-    if (Path(voc_root) / "mapdet_digits.json").is_file():
-        from mapdet.data.digits import DIGIT_CLASSES
-
-        class_names = DIGIT_CLASSES
-    kwargs = {"class_names": class_names} if class_names else {}
-    dataset = VOCDataset(voc_root, year=year, split=split, use_difficult=True, **kwargs)
-    result = evaluate_voc_results_dir(dataset, split, results_dir, metric,
-                                      convention="devkit" if devkit else "continuous",
-                                      year=year)
-    report = EvalReport({metric: result}, dataset.class_names, num_images=len(dataset))
-    if out is not None:
-        out = Path(out)
-        if out.suffix != ".json":
-            out = out / "metrics.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        result.write_json(out)
-        report.out_dir = out.parent
-    return report
 
 
 def output_names(paths: Sequence[str | Path]) -> list[str]:

@@ -32,11 +32,22 @@ quicksort, which is not stable, so the order of tied detections (and hence the A
 the sort's implementation; MATLAB's ``sort`` in the devkit is stable. mapdet is stable in both
 conventions: tied detections keep their order in the input (the line order of a result file).
 
+Ground truth the devkit counts: ``voc_eval.py`` and ``VOCevaldet.m`` keep every annotated
+object, degenerate boxes (``xmax < xmin``) and boxes wholly outside the image included (such
+objects can never be matched, but a non-difficult one counts in ``npos``). Devkit mode does
+the same: from files through :mod:`mapdet.evaluation.voc_annotations`, in memory through
+``record.extra["voc_devkit_objects"]`` (set by the VOC reader). The continuous convention
+scores the data set's boxes, clipped to the image, where such objects are dropped.
+
 Result files (``comp4_det_<split>_<class>.txt``; lines ``image_id score x1 y1 x2 y2``, 1-based
-inclusive coordinates) are read by :func:`read_devkit_results`. A missing class file is not an
-error by default (the devkit would fail): it counts as no detections, so that class's AP is 0,
-and a warning names it; ``allow_missing=False`` makes it an error. No file at all is always an
-error (a wrong folder or split name).
+inclusive coordinates) are read by :mod:`mapdet.evaluation.voc_results` (vectorised). A
+missing class file is not an error by default (the devkit would fail): it counts as no
+detections, so that class's AP is 0, and a warning names it; ``allow_missing=False`` makes it
+an error. No file at all is always an error (a wrong folder or split name).
+
+Speed: the matching is vectorised (:mod:`mapdet.evaluation.voc_scoring`), the result files are
+tokenised with numpy and the annotations cached; ``benchmarks/bench_eval.py`` measures it
+against ``voc_eval.py``.
 """
 
 from __future__ import annotations
@@ -50,24 +61,23 @@ from pathlib import Path
 
 import numpy as np
 
-from mapdet.core.ap import (
-    IGNORED,
-    TP,
-    GroundTruth,
-    ap_from_labels,
-    ap_weights,
-    best_ground_truth,
-    check_ap_method,
-    label_detections,
-)
-from mapdet.core.nms import detection_order
+from mapdet.core.ap import check_ap_method
 from mapdet.data.base import DetectionDataset, ImageRecord
-from mapdet.data.voc import VOC_CLASSES, VOCDataset, voc_raw_boxes
-from mapdet.evaluation.export import (
-    atomic_write_text,
-    check_image_detections,
-    devkit_result_filename,
+from mapdet.data.voc import VOC_CLASSES, find_voc_base, voc_raw_boxes
+from mapdet.evaluation.export import atomic_write_text, check_image_detections
+from mapdet.evaluation.voc_annotations import load_voc_ground_truth
+from mapdet.evaluation.voc_results import (
+    WIDTH_TOLERANCE,
+    ClassDetections,
+    ImageIndex,
+    ResultsFormatError,
+    find_results_folder,
+    read_devkit_results,
+    read_result_file,
+    read_result_file_indexed,
+    result_paths,
 )
+from mapdet.evaluation.voc_scoring import ClassGroundTruth, score_class
 
 __all__ = [
     "CONVENTIONS",
@@ -89,147 +99,6 @@ logger = logging.getLogger(__name__)
 METRICS = ("voc07", "area")
 CONVENTIONS = ("devkit", "continuous")
 BOX_FORMATS = ("continuous", "raw")
-
-#: Slack on "width >= 0": a zero-width continuous box written as ``x1 + 1 ... x2`` reads back
-#: with ``x2 - x1 + 1`` a rounding error below 0 (about 1e-15); such boxes are valid.
-WIDTH_TOLERANCE = 1e-6
-
-#: One class's detections: ``(image_ids list[str] (D,), scores (D,) float64, boxes (D, 4))``.
-ClassDetections = tuple[list[str], np.ndarray, np.ndarray]
-
-
-class ResultsFormatError(ValueError):
-    """A devkit result file is malformed; the message names the file and the line."""
-
-
-# -- result files --------------------------------------------------------------------------
-
-
-def read_result_file(path: str | Path) -> ClassDetections:
-    """Read one ``comp4_det_<split>_<class>.txt`` file.
-
-    Lines are ``image_id score x1 y1 x2 y2`` separated by any whitespace; blank lines are
-    skipped. Coordinates are returned as written: 1-based inclusive pixels.
-
-    Returns:
-        ``(image_ids (D,) list[str], scores (D,) float64, boxes (D, 4) float64)``.
-
-    Raises:
-        ResultsFormatError: a line without exactly 6 fields, a field that is not a number, a
-            NaN or infinite score or coordinate, or a box with ``x2 < x1 - 1`` or
-            ``y2 < y1 - 1`` (negative width even with the devkit's ``+1``; up to
-            ``WIDTH_TOLERANCE`` of rounding is accepted); the message gives
-            ``file:line``.
-    """
-    path = Path(path)
-    ids: list[str] = []
-    values: list[list[float]] = []
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            fields = line.split()
-            if not fields:
-                continue
-            ids.append(fields[0])
-            values.append(_parse_numbers(fields, f"{path}:{lineno}"))
-    arr = np.asarray(values, dtype=np.float64).reshape(-1, 5)
-    return ids, arr[:, 0].copy(), arr[:, 1:].copy()
-
-
-def _parse_numbers(fields: list[str], where: str) -> list[float]:
-    """Score and box of one result line, checked (see :func:`read_result_file`)."""
-    if len(fields) != 6:
-        raise ResultsFormatError(
-            f"{where}: expected 6 fields 'image_id score x1 y1 x2 y2', got {len(fields)}"
-        )
-    names = ("score", "x1", "y1", "x2", "y2")
-    numbers = []
-    for name, text in zip(names, fields[1:], strict=True):
-        try:
-            value = float(text)
-        except ValueError:
-            raise ResultsFormatError(f"{where}: {name} {text!r} is not a number") from None
-        if not math.isfinite(value):
-            raise ResultsFormatError(f"{where}: {name} is {text!r}; it must be finite")
-        numbers.append(value)
-    _, x1, y1, x2, y2 = numbers
-    if min(x2 - x1, y2 - y1) + 1.0 < -WIDTH_TOLERANCE:
-        raise ResultsFormatError(
-            f"{where}: box {numbers[1:]} has a negative width or height "
-            "(1-based inclusive coordinates need x2 >= x1 - 1 and y2 >= y1 - 1)"
-        )
-    return numbers
-
-
-def find_results_folder(results_dir: str | Path, split: str, class_names: Sequence[str],
-                        comp: str = "comp4", year: str | int | None = None) -> Path:
-    """The folder holding the result files: ``results_dir`` itself, else its ``Main/`` or
-    ``VOC<year>/Main/`` (the devkit's ``results/VOC2007/Main`` layout).
-
-    Raises:
-        FileNotFoundError: no candidate holds any ``<comp>_det_<split>_<class>.txt``; the
-            message lists the folders tried and the file pattern.
-    """
-    results_dir = Path(results_dir)
-    tried = [results_dir, results_dir / "Main"]
-    if year is not None:
-        tried.append(results_dir / f"VOC{year}" / "Main")
-    names = [devkit_result_filename(split, c, comp) for c in class_names]
-    for folder in tried:
-        if any((folder / n).is_file() for n in names):
-            if folder != results_dir:
-                logger.info("reading result files from %s", folder)
-            return folder
-    raise FileNotFoundError(
-        f"no result files {devkit_result_filename(split, '<class>', comp)} found in "
-        + ", ".join(str(p) for p in tried)
-    )
-
-
-def read_devkit_results(
-    results_dir: str | Path,
-    split: str,
-    class_names: Sequence[str],
-    comp: str = "comp4",
-    *,
-    allow_missing: bool = True,
-) -> dict[str, ClassDetections]:
-    """Read ``<results_dir>/<comp>_det_<split>_<class>.txt`` for every class.
-
-    Args:
-        results_dir: the folder holding the files.
-        split: the split in the file names (``"test"``).
-        class_names: the classes to read, in order.
-        comp: the competition prefix in the file names.
-        allow_missing: a missing class file counts as no detections (its AP is then 0) and a
-            warning names it; ``False`` makes it an error, as in the devkit.
-
-    Returns:
-        class name -> ``(image_ids, scores (D,), boxes (D, 4))``, boxes raw 1-based inclusive
-        as written in the file (pass ``box_format="raw"`` to :func:`evaluate_voc`).
-
-    Raises:
-        FileNotFoundError: no file at all, or a missing one with ``allow_missing=False``.
-        ResultsFormatError: a malformed line (see :func:`read_result_file`).
-    """
-    results_dir = Path(results_dir)
-    paths = {c: results_dir / devkit_result_filename(split, c, comp) for c in class_names}
-    missing = [c for c, p in paths.items() if not p.is_file()]
-    if missing and (len(missing) == len(paths) or not allow_missing):
-        raise FileNotFoundError(
-            f"missing result file(s) in {results_dir}: "
-            + ", ".join(paths[c].name for c in missing[:5])
-            + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        )
-    if missing:
-        logger.warning("no result file for class(es) %s in %s: counted as no detections (AP 0)",
-                       ", ".join(missing), results_dir)
-    out: dict[str, ClassDetections] = {}
-    for c, p in paths.items():
-        if c in missing:
-            out[c] = ([], np.zeros(0), np.zeros((0, 4)))
-        else:
-            out[c] = read_result_file(p)
-    return out
 
 
 # -- in-memory detections ------------------------------------------------------------------
@@ -284,6 +153,7 @@ class EvalResult:
         npos: class name -> number of non-difficult ground truths.
         num_detections: class name -> number of detections scored.
         match_iou: the nominal IoU threshold (0.5).
+        num_images: the number of evaluated images.
         curves: class name -> ``(recall (D',), precision (D',))`` after each non-ignored
             detection (for plots; not in :meth:`to_json`).
     """
@@ -295,6 +165,7 @@ class EvalResult:
     npos: dict[str, int]
     num_detections: dict[str, int] = field(default_factory=dict)
     match_iou: float = 0.5
+    num_images: int = 0
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
 
     @property
@@ -346,42 +217,59 @@ def _check_options(metric: str, convention: str, box_format: str) -> None:
         raise ValueError(f"box_format must be one of {list(BOX_FORMATS)}, got {box_format!r}")
 
 
-def _gt_boxes(record: ImageRecord, convention: str) -> np.ndarray:
-    """A record's ground truth: raw 1-based numbers (devkit) or continuous boxes."""
-    if convention == "devkit":
-        return voc_raw_boxes(record)
-    return record.boxes.astype(np.float64)
+def _record_objects(record: ImageRecord, convention: str
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(boxes (M, 4) float64, labels (M,), difficult (M,))`` of a record in a convention:
+    in devkit mode every object the devkit counts, raw 1-based (``extra["voc_devkit_objects"]``
+    when the record came from a VOC XML file, else the raw numbers of its boxes); else the
+    record's continuous boxes."""
+    if convention != "devkit":
+        return record.boxes.astype(np.float64), record.labels, record.difficult
+    objs = record.extra.get("voc_devkit_objects")
+    if objs is not None:
+        return (np.asarray(objs.raw_boxes, dtype=np.float64).reshape(-1, 4),
+                np.asarray(objs.labels, dtype=np.int64), np.asarray(objs.difficult, dtype=bool))
+    raw = voc_raw_boxes(record)
+    if raw.shape[0] != record.labels.shape[0]:
+        raise ValueError(f"image {record.image_id!r}: {raw.shape[0]} raw boxes for "
+                         f"{record.labels.shape[0]} labels")
+    return raw, record.labels, record.difficult
 
 
-def _class_ground_truth(
-    records: Sequence[ImageRecord], num_classes: int, convention: str
-) -> list[GroundTruth]:
-    """One :class:`GroundTruth` per class, image ids = positions in ``records``."""
+def _split_by_class(boxes: np.ndarray, image: np.ndarray, labels: np.ndarray,
+                    difficult: np.ndarray, num_classes: int) -> list[ClassGroundTruth]:
+    """One :class:`ClassGroundTruth` per class from all objects' arrays."""
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"ground-truth labels must be in 0..{num_classes - 1}")
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(num_classes + 1))
+    out = []
+    for c in range(num_classes):
+        sel = order[bounds[c]:bounds[c + 1]]
+        out.append(ClassGroundTruth.build(boxes[sel], image[sel], difficult[sel]))
+    return out
+
+
+def _class_ground_truth(records: Sequence[ImageRecord], num_classes: int, convention: str
+                        ) -> list[ClassGroundTruth]:
+    """One :class:`ClassGroundTruth` per class, image index = position in ``records``."""
     boxes, labels, difficult, image = [], [], [], []
     for i, rec in enumerate(records):
-        b = _gt_boxes(rec, convention)
-        if b.shape[0] != rec.labels.shape[0]:
-            raise ValueError(f"image {rec.image_id!r}: {b.shape[0]} raw boxes for "
-                             f"{rec.labels.shape[0]} labels")
+        b, lab, diff = _record_objects(rec, convention)
         boxes.append(b)
-        labels.append(rec.labels)
-        difficult.append(rec.difficult)
-        image.append(np.full(rec.labels.shape[0], i, dtype=np.int64))
-    boxes_a = np.concatenate(boxes) if boxes else np.zeros((0, 4))
-    labels_a = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
-    diff_a = np.concatenate(difficult) if difficult else np.zeros(0, dtype=bool)
-    image_a = np.concatenate(image) if image else np.zeros(0, dtype=np.int64)
-    if labels_a.size and (labels_a.min() < 0 or labels_a.max() >= num_classes):
-        raise ValueError(f"ground-truth labels must be in 0..{num_classes - 1}")
-    return [
-        GroundTruth(boxes_a[labels_a == c], image_a[labels_a == c], diff_a[labels_a == c])
-        for c in range(num_classes)
-    ]
+        labels.append(lab)
+        difficult.append(diff)
+        image.append(np.full(lab.shape[0], i, dtype=np.int64))
+    return _split_by_class(
+        np.concatenate(boxes) if boxes else np.zeros((0, 4)),
+        np.concatenate(image) if image else np.zeros(0, dtype=np.int64),
+        np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64),
+        np.concatenate(difficult) if difficult else np.zeros(0, dtype=bool),
+        num_classes)
 
 
 def _detection_arrays(
-    name: str, dets: ClassDetections, index_of: Mapping[str, int], convention: str,
-    box_format: str,
+    name: str, dets: ClassDetections, index: ImageIndex, convention: str, box_format: str,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Checked ``(image index (D,), scores (D,), boxes (D, 4))`` in the convention's format."""
     try:
@@ -398,12 +286,18 @@ def _detection_arrays(
                          f"and boxes of shape {boxes.shape}; expected (D,), (D,), (D, 4)")
     if not (np.isfinite(scores).all() and np.isfinite(boxes).all()):
         raise ValueError(f"detections of class {name!r}: scores and boxes must be finite")
-    unknown = [i for i in ids if i not in index_of]
-    if unknown:
-        raise ValueError(f"detections of class {name!r}: {len(unknown)} detection(s) on "
-                         f"image id(s) not in the evaluated set, e.g. {unknown[0]!r}")
-    image = np.fromiter((index_of[i] for i in ids), dtype=np.int64, count=n)
+    ids = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
+    image = index.lookup(ids)
+    unknown = np.flatnonzero(image < 0)
+    if unknown.size:
+        raise ValueError(f"detections of class {name!r}: {unknown.size} detection(s) on "
+                         f"image id(s) not in the evaluated set, e.g. {ids[unknown[0]]!r}")
     boxes = _convert_boxes(boxes, box_format, convention)
+    _check_widths(name, boxes, convention)
+    return image, scores, boxes
+
+
+def _check_widths(name: str, boxes: np.ndarray, convention: str) -> None:
     offset = 1.0 if convention == "devkit" else 0.0
     width = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) + offset
     bad = width < -WIDTH_TOLERANCE
@@ -412,7 +306,6 @@ def _detection_arrays(
         raise ValueError(f"detections of class {name!r}: {int(bad.sum())} box(es) with a "
                          f"negative width or height, first {boxes[r].tolist()} "
                          f"({convention} convention)")
-    return image, scores, boxes
 
 
 def _convert_boxes(boxes: np.ndarray, box_format: str, convention: str) -> np.ndarray:
@@ -426,28 +319,29 @@ def _convert_boxes(boxes: np.ndarray, box_format: str, convention: str) -> np.nd
     return out
 
 
-def _score_class(
-    gt: GroundTruth, image: np.ndarray, scores: np.ndarray, boxes: np.ndarray, *,
-    metric: str, theta: float, pixel_offset: float,
-) -> tuple[float, np.ndarray, np.ndarray]:
-    """AP and the raw PR curve of one class, through :mod:`mapdet.core.ap`.
-
-    The steps are those of :func:`mapdet.core.ap.average_precision` (order, best ground
-    truth, labels, weighted sum); they are called one by one so that the labels also give the
-    curve, and so that boxes the core's input check refuses but the devkit scores are
-    accepted: a zero-width continuous box is, in raw 1-based numbers, ``x2 = x1 - 1`` (width
-    0 once the devkit adds 1).
-    """
-    order = detection_order(scores, -np.inf)
-    best, best_iou = best_ground_truth(boxes[order], image[order], gt, pixel_offset)
-    labels = label_detections(best, best_iou, gt.difficult, theta)
-    labels = labels[labels != IGNORED]
-    tp = np.cumsum(labels == TP)
-    precision = tp / np.arange(1, labels.size + 1)
-    if gt.npos == 0:
-        return float("nan"), np.full(labels.size, np.nan), precision
-    ap = ap_from_labels(labels, gt.npos, ap_weights(gt.npos, metric))
-    return ap, tp / gt.npos, precision
+def _score_all(
+    class_names: Sequence[str], gts: Sequence[ClassGroundTruth], detections, *, metric: str,
+    convention: str, match_iou: float, num_images: int,
+) -> EvalResult:
+    """Score every class; ``detections(c, name)`` gives ``(image, scores, boxes)``."""
+    devkit = convention == "devkit"
+    theta = devkit_threshold(match_iou) if devkit else float(match_iou)
+    per_class, npos, ndet, curves = {}, {}, {}, {}
+    for c, (name, gt) in enumerate(zip(class_names, gts, strict=True)):
+        image, scores, boxes = detections(c, name)
+        ap, rec, prec = score_class(gt, image, scores, boxes, metric=metric, theta=theta,
+                                    pixel_offset=1.0 if devkit else 0.0, devkit=devkit)
+        per_class[name], npos[name], ndet[name] = ap, gt.npos, int(scores.size)
+        curves[name] = (rec, prec)
+    defined = [v for v in per_class.values() if not math.isnan(v)]
+    if not defined:
+        logger.warning("no class has a non-difficult ground truth: mAP is undefined (NaN)")
+    m_ap = float(np.mean(defined)) if defined else float("nan")
+    logger.info("VOC %s (%s convention): mAP %.4f over %d classes, %d images",
+                metric, convention, m_ap, len(defined), num_images)
+    return EvalResult(mAP=m_ap, per_class=per_class, metric=metric, convention=convention,
+                      npos=npos, num_detections=ndet, match_iou=float(match_iou),
+                      num_images=int(num_images), curves=curves)
 
 
 def evaluate_voc(
@@ -489,31 +383,16 @@ def evaluate_voc(
     unknown = sorted(set(detections_per_class) - set(class_names))
     if unknown:
         raise ValueError(f"detections for unknown class(es) {unknown}; known: {class_names}")
-    index_of = {rec.image_id: i for i, rec in enumerate(records)}
-    if len(index_of) != len(records):
+    index = ImageIndex([rec.image_id for rec in records])
+    if index.num_unique != len(records):
         raise ValueError("dataset_records has duplicate image ids")
     gts = _class_ground_truth(records, len(class_names), convention)
-    devkit = convention == "devkit"
-    theta = devkit_threshold(match_iou) if devkit else float(match_iou)
     empty: ClassDetections = ([], np.zeros(0), np.zeros((0, 4)))
-
-    per_class, npos, ndet, curves = {}, {}, {}, {}
-    for name, gt in zip(class_names, gts, strict=True):
-        dets = detections_per_class.get(name, empty)
-        image, scores, boxes = _detection_arrays(name, dets, index_of, convention, box_format)
-        ap, rec, prec = _score_class(gt, image, scores, boxes, metric=metric, theta=theta,
-                                     pixel_offset=1.0 if devkit else 0.0)
-        per_class[name], npos[name], ndet[name] = ap, gt.npos, int(scores.size)
-        curves[name] = (rec, prec)
-    defined = [v for v in per_class.values() if not math.isnan(v)]
-    if not defined:
-        logger.warning("no class has a non-difficult ground truth: mAP is undefined (NaN)")
-    m_ap = float(np.mean(defined)) if defined else float("nan")
-    logger.info("VOC %s (%s convention): mAP %.4f over %d classes, %d images",
-                metric, convention, m_ap, len(defined), len(records))
-    return EvalResult(mAP=m_ap, per_class=per_class, metric=metric, convention=convention,
-                      npos=npos, num_detections=ndet, match_iou=float(match_iou),
-                      curves=curves)
+    return _score_all(
+        class_names, gts,
+        lambda c, name: _detection_arrays(name, detections_per_class.get(name, empty), index,
+                                          convention, box_format),
+        metric=metric, convention=convention, match_iou=match_iou, num_images=len(records))
 
 
 def evaluate_voc_results_dir(
@@ -527,12 +406,15 @@ def evaluate_voc_results_dir(
     class_names: Sequence[str] | None = None,
     comp: str = "comp4",
     allow_missing: bool = True,
+    cache_dir: str | Path | None | bool = None,
 ) -> EvalResult:
     """Score devkit result files against VOC annotations (no image is read).
 
     Args:
-        voc_root_or_dataset: a VOC root (anything :class:`~mapdet.data.voc.VOCDataset`
-            accepts) or an already built data set (difficult objects included).
+        voc_root_or_dataset: a VOC root (anything :func:`~mapdet.data.voc.find_voc_base`
+            accepts; its annotations are read through the cache of
+            :mod:`mapdet.evaluation.voc_annotations`) or an already built data set
+            (difficult objects included).
         split: the evaluated split (``"test"``): the split file read, and the name in the
             result files.
         results_dir: the folder of ``<comp>_det_<split>_<class>.txt`` (or its ``Main/`` or
@@ -542,29 +424,50 @@ def evaluate_voc_results_dir(
         class_names: default: the data set's, or the 20 VOC classes.
         comp: the competition prefix in the file names.
         allow_missing: see :func:`read_devkit_results`.
+        cache_dir: the annotation cache folder (``None``: the default, ``False``: no cache;
+            see :func:`~mapdet.evaluation.voc_annotations.load_voc_ground_truth`).
 
     Raises:
         ValueError: a result file names an image that is not in the split (the message names
             the file and the id), besides the errors of :func:`read_devkit_results`.
     """
+    _check_options(metric, convention, "raw")
     if isinstance(voc_root_or_dataset, DetectionDataset):
         dataset = voc_root_or_dataset
         if class_names is not None and tuple(class_names) != dataset.class_names:
             raise ValueError(f"class_names {list(class_names)} differ from the data set's "
                              f"{list(dataset.class_names)}")
+        class_names = list(dataset.class_names)
+        image_ids = list(dataset.image_ids)
+        what = f"{dataset.name!r} ({len(image_ids)} images)"
+        gts = _class_ground_truth(dataset.records, len(class_names), convention)
     else:
-        dataset = VOCDataset(voc_root_or_dataset, year=year, split=split,
-                             class_names=class_names or VOC_CLASSES, use_difficult=True)
-    class_names = dataset.class_names
+        base = find_voc_base(voc_root_or_dataset, year)
+        class_names = list(class_names or VOC_CLASSES)
+        gt = load_voc_ground_truth(base, split, class_names, cache_dir=cache_dir)
+        image_ids = gt.image_ids
+        what = f"'{base.name}_{split}' ({len(image_ids)} images)"
+        if convention == "devkit":
+            gts = _split_by_class(gt.raw_boxes, gt.image, gt.labels, gt.difficult,
+                                  len(class_names))
+        else:
+            keep, boxes = gt.continuous_boxes()
+            if not keep.all():
+                logger.info("%d degenerate or outside ground-truth box(es) dropped "
+                            "(continuous convention; devkit mode counts them)",
+                            int((~keep).sum()))
+            gts = _split_by_class(boxes, gt.image[keep], gt.labels[keep], gt.difficult[keep],
+                                  len(class_names))
     folder = find_results_folder(results_dir, split, class_names, comp, year)
-    dets = read_devkit_results(folder, split, class_names, comp, allow_missing=allow_missing)
-    known = set(dataset.image_ids)
-    for name, (ids, _, _) in dets.items():
-        bad = next((i for i in ids if i not in known), None)
-        if bad is not None:
-            raise ValueError(
-                f"{folder / devkit_result_filename(split, name, comp)}: image id {bad!r} is "
-                f"not in the evaluated set {dataset.name!r} ({len(known)} images)"
-            )
-    return evaluate_voc(dataset, dets, class_names=class_names, metric=metric,
-                        convention=convention, box_format="raw")
+    paths = result_paths(folder, split, class_names, comp, allow_missing=allow_missing)
+    index = ImageIndex(image_ids)
+
+    def detections(c: int, name: str):
+        path = paths[name]
+        if path is None:
+            return np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros((0, 4))
+        image, scores, boxes = read_result_file_indexed(path, index, what)
+        return image, scores, _convert_boxes(boxes, "raw", convention)
+
+    return _score_all(class_names, gts, detections, metric=metric, convention=convention,
+                      match_iou=0.5, num_images=len(image_ids))

@@ -1,0 +1,102 @@
+"""Evaluation reports, and the scoring of devkit result files (``mapdet eval --voc``).
+
+- :class:`EvalReport`: the scores of one evaluation, one
+  :class:`~mapdet.evaluation.voc.EvalResult` per metric, with its table and JSON.
+- :func:`score_result_files`: devkit result files against a VOC-layout folder.
+
+Neither imports torch: scoring result files needs only numpy (the engine re-exports both).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["EvalReport", "score_result_files"]
+
+
+@dataclass
+class EvalReport:
+    """Scores of one evaluation: one :class:`~mapdet.evaluation.voc.EvalResult` per metric."""
+
+    results: dict[str, Any]
+    class_names: tuple[str, ...]
+    num_images: int = 0
+    images_per_sec: float = math.nan
+    out_dir: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def metric(self) -> str:
+        """The primary metric (the first evaluated)."""
+        return next(iter(self.results))
+
+    @property
+    def mAP(self) -> float:  # noqa: N802 - the field name used everywhere
+        return float(self.results[self.metric].mAP)
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"mAP", "metric", "per_class", "mAP_<metric>"..., "metrics", "num_images",
+        "images_per_sec", ...}``; undefined APs are ``null``."""
+        primary = self.results[self.metric].to_json()
+        out: dict[str, Any] = {"mAP": primary["mAP"], "metric": self.metric,
+                               "per_class": primary["per_class"]}
+        for name, r in self.results.items():
+            out[f"mAP_{name}"] = r.to_json()["mAP"]
+        out["metrics"] = {name: r.to_json() for name, r in self.results.items()}
+        out["num_images"] = self.num_images
+        out["images_per_sec"] = None if math.isnan(self.images_per_sec) else self.images_per_sec
+        out.update(self.extra)
+        return out
+
+    def write_json(self, path: str | Path) -> Path:
+        """Write :meth:`to_json` atomically to ``path``."""
+        from mapdet.evaluation.export import atomic_write_text
+
+        return atomic_write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
+
+    def table(self) -> str:
+        """A per-class table of every metric (APs in percent), then the mean and the speed."""
+        from mapdet.evaluation.table import format_per_class
+
+        text = format_per_class(self.results, class_names=self.class_names)
+        if not math.isnan(self.images_per_sec):
+            text += f"\n{self.num_images} images, {self.images_per_sec:.1f} images/s"
+        return text
+
+
+def score_result_files(voc_root: str | Path, results_dir: str | Path, *, year: str = "2007",
+                       split: str = "test", metric: str | None = None, devkit: bool = True,
+                       out: str | Path | None = None,
+                       cache_dir: str | Path | None | bool = None) -> EvalReport:
+    """Score devkit result files against a VOC-layout data set (``mapdet eval --voc``).
+
+    ``metric`` defaults to ``voc07`` for VOC 2007 and ``area`` otherwise. The class names are
+    VOC's 20, or the digits benchmark's when ``voc_root`` holds one. ``out``: the
+    ``metrics.json`` path (``{"mAP", "per_class", "metric", ...}``), written atomically.
+    ``cache_dir``: the annotation cache (see
+    :func:`~mapdet.evaluation.voc_annotations.load_voc_ground_truth`; ``False``: none).
+    """
+    from mapdet.data.voc import VOC_CLASSES
+    from mapdet.evaluation.voc import evaluate_voc_results_dir
+
+    metric = metric or ("voc07" if str(year) == "2007" else "area")
+    class_names: tuple[str, ...] = VOC_CLASSES
+    if (Path(voc_root) / "mapdet_digits.json").is_file():
+        from mapdet.data.digits import DIGIT_CLASSES
+
+        class_names = tuple(DIGIT_CLASSES)
+    result = evaluate_voc_results_dir(voc_root, split, results_dir, metric,
+                                      convention="devkit" if devkit else "continuous",
+                                      year=year, class_names=class_names, cache_dir=cache_dir)
+    report = EvalReport({metric: result}, class_names, num_images=result.num_images)
+    if out is not None:
+        out = Path(out)
+        if out.suffix != ".json":
+            out = out / "metrics.json"
+        result.write_json(out)
+        report.out_dir = out.parent
+    return report

@@ -1,0 +1,393 @@
+"""Devkit result files (``comp4_det_<split>_<class>.txt``): a vectorised reader and its reference.
+
+A result file has one detection per line, ``image_id score x1 y1 x2 y2`` separated by any
+whitespace, coordinates 1-based inclusive pixels; blank lines are skipped.
+
+Two readers that must agree (``tests/test_eval_voc_results.py`` checks them on generated files):
+
+- :func:`read_result_file_reference`: the obvious one, line by line with ``float()``; it
+  also produces every error message (``file:line: what is wrong``).
+- :func:`read_result_file`: the fast one. The file is read as bytes and tokenised with numpy
+  (a token is a run of non-whitespace bytes, whitespace being ASCII space, ``\\t\\n\\v\\f\\r``);
+  every non-blank line must hold 6 tokens. Numbers of the form ``[+-]digits[.digits]`` with at
+  most 15 digits are decoded by :func:`parse_decimals` as ``m / 10^f`` (``m`` the integer of
+  all digits, ``f`` the number of fraction digits): ``m < 2^53`` and ``10^f <= 10^15`` are
+  exact doubles, so the one IEEE division is correctly rounded and equals ``float(text)``
+  bit for bit (Clinger's fast path). Other tokens (exponents, longer numbers) go through
+  ``float()`` one by one. Anything unusual (a byte outside ASCII, a lone ``\\r``, a wrong
+  field count, a non-number, a NaN, a negative width) makes the reader fall back to the
+  reference, which raises the one-line error naming the file and the line.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from mapdet.evaluation.export import devkit_result_filename
+
+__all__ = [
+    "WIDTH_TOLERANCE",
+    "ClassDetections",
+    "ResultsFormatError",
+    "find_results_folder",
+    "parse_decimals",
+    "read_devkit_results",
+    "read_result_file",
+    "read_result_file_indexed",
+    "read_result_file_reference",
+]
+
+logger = logging.getLogger("mapdet.evaluation.voc")
+
+#: Slack on "width >= 0": a zero-width continuous box written as ``x1 + 1 ... x2`` reads back
+#: with ``x2 - x1 + 1`` a rounding error below 0 (about 1e-15); such boxes are valid.
+WIDTH_TOLERANCE = 1e-6
+
+#: One class's detections: ``(image_ids list[str] (D,), scores (D,) float64, boxes (D, 4))``.
+ClassDetections = tuple[list[str], np.ndarray, np.ndarray]
+
+_FIELDS = 6
+_POW10 = 10.0 ** np.arange(16)
+_MAX_DIGITS = 15
+
+
+class ResultsFormatError(ValueError):
+    """A devkit result file is malformed; the message names the file and the line."""
+
+
+# -- reference reader ----------------------------------------------------------------------
+
+
+def read_result_file_reference(path: str | Path) -> ClassDetections:
+    """Read one result file line by line (the reference; see the module docstring).
+
+    Returns:
+        ``(image_ids (D,) list[str], scores (D,) float64, boxes (D, 4) float64)``, boxes as
+        written (1-based inclusive).
+
+    Raises:
+        ResultsFormatError: a line without exactly 6 fields, a field that is not a number, a
+            NaN or infinite score or coordinate, or a box with ``x2 < x1 - 1`` or
+            ``y2 < y1 - 1`` (negative width even with the devkit's ``+1``; up to
+            ``WIDTH_TOLERANCE`` of rounding is accepted); the message gives ``file:line``.
+    """
+    path = Path(path)
+    ids: list[str] = []
+    values: list[list[float]] = []
+    with path.open("r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            ids.append(fields[0])
+            values.append(_parse_numbers(fields, f"{path}:{lineno}"))
+    arr = np.asarray(values, dtype=np.float64).reshape(-1, 5)
+    return ids, arr[:, 0].copy(), arr[:, 1:].copy()
+
+
+def _parse_numbers(fields: list[str], where: str) -> list[float]:
+    """Score and box of one result line, checked (see :func:`read_result_file_reference`)."""
+    if len(fields) != _FIELDS:
+        raise ResultsFormatError(
+            f"{where}: expected 6 fields 'image_id score x1 y1 x2 y2', got {len(fields)}"
+        )
+    names = ("score", "x1", "y1", "x2", "y2")
+    numbers = []
+    for name, text in zip(names, fields[1:], strict=True):
+        try:
+            value = float(text)
+        except ValueError:
+            raise ResultsFormatError(f"{where}: {name} {text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise ResultsFormatError(f"{where}: {name} is {text!r}; it must be finite")
+        numbers.append(value)
+    _, x1, y1, x2, y2 = numbers
+    if min(x2 - x1, y2 - y1) + 1.0 < -WIDTH_TOLERANCE:
+        raise ResultsFormatError(
+            f"{where}: box {numbers[1:]} has a negative width or height "
+            "(1-based inclusive coordinates need x2 >= x1 - 1 and y2 >= y1 - 1)"
+        )
+    return numbers
+
+
+# -- vectorised reader ---------------------------------------------------------------------
+
+
+#: Bytes the fast reader accepts: printable ASCII and the whitespace of ``bytes.split()``
+#: (space, ``\\t \\n \\v \\f \\r``). With no other byte below 33 in the buffer, whitespace is
+#: exactly ``byte <= 32``.
+_PLAIN = bytes(range(32, 127)) + b"\t\n\v\f\r"
+
+
+def _token_bounds(space: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(starts (T,), ends (T,))`` of the runs of non-whitespace bytes (``ends`` exclusive),
+    from the whitespace mask ``space (L,)`` of a buffer."""
+    solid = (~space).view(np.int8)
+    edge = np.diff(solid, prepend=np.int8(0), append=np.int8(0))
+    return np.flatnonzero(edge == 1), np.flatnonzero(edge == -1)
+
+
+def _counts(mask: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """``(T,)`` number of true entries of ``mask (L,)`` in each ``[starts[t], ends[t])``."""
+    c = np.zeros(mask.size + 1, dtype=np.int32)
+    np.cumsum(mask, out=c[1:])
+    return (c[ends] - c[starts]).astype(np.int64)
+
+
+def parse_decimals(b: np.ndarray, starts: np.ndarray, ends: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Decode the tokens ``b[starts[t]:ends[t]]`` of a byte buffer as decimal numbers.
+
+    Args:
+        b: ``(L,)`` uint8, the buffer (``L < 2^31``); ``starts``, ``ends``: ``(T,)`` the
+            bounds of *all* its tokens (runs of non-whitespace bytes, :func:`_token_bounds`).
+
+    Returns:
+        ``(values (T,) float64, ok (T,) bool)``: ``ok`` marks the tokens of the form
+        ``[+-]digits[.digits]`` (the dot anywhere, at least one and at most 15 digits), whose
+        value is ``±m / 10^f``, equal to ``float(token)`` (see the module docstring); other
+        tokens' values are meaningless.
+    """
+    n = starts.size
+    if n == 0:
+        return np.zeros(0), np.zeros(0, dtype=bool)
+    digit = (b - np.uint8(48)) < 10
+    dot = b == 46
+    ndigits = _counts(digit, starts, ends)
+    ndots = _counts(dot, starts, ends)
+    nodd = (ends - starts) - ndigits - ndots  # tokens hold no whitespace
+    first = b[starts]
+    signed = (first == 45) | (first == 43)
+    ok = (nodd == signed) & (ndots <= 1) & (ndigits >= 1) & (ndigits <= _MAX_DIGITS)
+    dot_at = np.full(n, -1, dtype=np.int64)  # -1: no dot
+    dot_at[np.repeat(np.arange(n), ndots)] = np.flatnonzero(dot)
+    # in an ok token every byte after the dot is a digit
+    fraction = np.where(ndots == 1, ends - dot_at - 1, 0)
+    np.clip(fraction, 0, _MAX_DIGITS, out=fraction)
+    where = np.flatnonzero(digit)
+    token = np.repeat(np.arange(n), ndigits)  # every digit lies in exactly one token
+    rank = ends[token] - where - 1 - (where < dot_at[token])  # digits after it in its token
+    np.clip(rank, 0, _MAX_DIGITS, out=rank)
+    # sums of at most 15 terms d * 10^k below 10^15: exact in float64
+    mantissa = np.bincount(token, weights=(b[where] - np.uint8(48)) * _POW10[rank], minlength=n)
+    values = mantissa / _POW10[fraction]
+    np.negative(values, out=values, where=first == 45)
+    return values, ok
+
+
+def _fast_parse(data: bytes) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(image ids (D,) bytes array 'S', numbers (D, 5) float64)``, or ``None`` when the
+    file needs the reference reader (anything unusual; see the module docstring)."""
+    b = np.frombuffer(data, dtype=np.uint8)
+    if b.size >= 2**31 or data.translate(None, _PLAIN):
+        return None
+    if b"\r" in data and data.count(b"\r") != data.count(b"\r\n"):
+        return None  # a lone \r ends a line for the reference reader
+    starts, ends = _token_bounds(b <= 32)
+    if starts.size % _FIELDS:
+        return None
+    if starts.size == 0:
+        return np.zeros(0, dtype="S1"), np.zeros((0, 5))
+    line = np.zeros(b.size + 1, dtype=np.int32)
+    np.cumsum(b == 10, out=line[1:])
+    line = line[starts]  # line of each token, 0-based
+    group = np.flatnonzero(np.diff(line)) + 1
+    per_line = np.diff(np.concatenate(([0], group, [line.size])))
+    if (per_line != _FIELDS).any():
+        return None
+    values, ok = parse_decimals(b, starts, ends)
+    numeric = np.ones(starts.size, dtype=bool)
+    numeric[::_FIELDS] = False
+    for t in np.flatnonzero(numeric & ~ok):
+        try:
+            values[t] = float(data[starts[t]:ends[t]])
+        except ValueError:
+            return None
+    values = values[numeric].reshape(-1, 5)
+    if not np.isfinite(values).all():
+        return None
+    width = np.minimum(values[:, 3] - values[:, 1], values[:, 4] - values[:, 2]) + 1.0
+    if (width < -WIDTH_TOLERANCE).any():
+        return None
+    return _gather_tokens(b, starts[::_FIELDS], ends[::_FIELDS]), values
+
+
+def _gather_tokens(b: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """The tokens ``b[starts[t]:ends[t]]`` as a ``(T,)`` bytes array (dtype ``S<longest>``)."""
+    length = ends - starts
+    width = int(length.max()) if length.size else 1
+    idx = starts[:, None] + np.arange(width)
+    chars = np.where(np.arange(width) < length[:, None], b[np.minimum(idx, b.size - 1)], 0)
+    return np.ascontiguousarray(chars.astype(np.uint8)).view(f"S{width}").reshape(-1)
+
+
+def read_result_file(path: str | Path) -> ClassDetections:
+    """Read one result file (vectorised; same output and errors as
+    :func:`read_result_file_reference`).
+
+    Returns:
+        ``(image_ids (D,) list[str], scores (D,) float64, boxes (D, 4) float64)``.
+    """
+    path = Path(path)
+    parsed = _fast_parse(path.read_bytes())
+    if parsed is None:
+        return read_result_file_reference(path)
+    ids, values = parsed
+    return ids.astype(str).tolist(), values[:, 0].copy(), values[:, 1:].copy()
+
+
+class ImageIndex:
+    """Image ids -> positions in an evaluated set, for whole arrays of ids at once.
+
+    Args:
+        image_ids: the set's ids in order (for a duplicated id, the first position counts).
+    """
+
+    def __init__(self, image_ids: Sequence[str]) -> None:
+        self.ids = list(image_ids)
+        self._str = {}
+        for i, image_id in enumerate(self.ids):
+            self._str.setdefault(image_id, i)
+        self._bytes: dict[bytes, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def num_unique(self) -> int:
+        """The number of distinct ids."""
+        return len(self._str)
+
+    def lookup(self, ids: Sequence[str] | np.ndarray) -> np.ndarray:
+        """``(D,)`` int64 positions of ``ids`` (strings, or a bytes array ``S``); -1 for an
+        id not in the set."""
+        if isinstance(ids, np.ndarray):
+            ids = ids.tolist()
+        if ids and isinstance(ids[0], bytes):
+            if self._bytes is None:
+                self._bytes = {k.encode("utf-8"): v for k, v in self._str.items()}
+            table = self._bytes
+        else:
+            table = self._str
+        get = table.get
+        return np.fromiter((get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
+
+
+def read_result_file_indexed(path: str | Path, index: ImageIndex, what: str
+                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read one result file with its image ids mapped to positions in the evaluated set.
+
+    Args:
+        path: the file.
+        index: the evaluated set's :class:`ImageIndex`.
+        what: the evaluated set's description, for the error message.
+
+    Returns:
+        ``(image (D,) int64, scores (D,) float64, boxes (D, 4) float64)``.
+
+    Raises:
+        ResultsFormatError: as :func:`read_result_file_reference`.
+        ValueError: an image id not in the set; the message names the file, the line and the id.
+    """
+    path = Path(path)
+    parsed = _fast_parse(path.read_bytes())
+    if parsed is None:
+        ids_str, scores, boxes = read_result_file_reference(path)
+        ids = np.asarray(ids_str, dtype=str).reshape(-1)
+        values = np.concatenate([scores[:, None], boxes], axis=1)
+    else:
+        ids, values = parsed
+    image = index.lookup(ids)
+    if (image < 0).any():
+        r = int(np.flatnonzero(image < 0)[0])
+        bad = ids[r].decode("ascii") if isinstance(ids[r], bytes) else str(ids[r])
+        raise ValueError(f"{path}: image id {bad!r} (detection {r + 1}) is not in the "
+                         f"evaluated set {what}")
+    return image, values[:, 0].copy(), values[:, 1:].copy()
+
+
+# -- folders -------------------------------------------------------------------------------
+
+
+def find_results_folder(results_dir: str | Path, split: str, class_names: Sequence[str],
+                        comp: str = "comp4", year: str | int | None = None) -> Path:
+    """The folder holding the result files: ``results_dir`` itself, else its ``Main/`` or
+    ``VOC<year>/Main/`` (the devkit's ``results/VOC2007/Main`` layout).
+
+    Raises:
+        FileNotFoundError: no candidate holds any ``<comp>_det_<split>_<class>.txt``; the
+            message lists the folders tried and the file pattern.
+    """
+    results_dir = Path(results_dir)
+    tried = [results_dir, results_dir / "Main"]
+    if year is not None:
+        tried.append(results_dir / f"VOC{year}" / "Main")
+    names = [devkit_result_filename(split, c, comp) for c in class_names]
+    for folder in tried:
+        if any((folder / n).is_file() for n in names):
+            if folder != results_dir:
+                logger.info("reading result files from %s", folder)
+            return folder
+    raise FileNotFoundError(
+        f"no result files {devkit_result_filename(split, '<class>', comp)} found in "
+        + ", ".join(str(p) for p in tried)
+    )
+
+
+def result_paths(results_dir: str | Path, split: str, class_names: Sequence[str],
+                 comp: str = "comp4", *, allow_missing: bool = True) -> dict[str, Path | None]:
+    """class name -> its result file, or ``None`` when missing and ``allow_missing``.
+
+    Raises:
+        FileNotFoundError: no file at all, or a missing one with ``allow_missing=False``.
+    """
+    results_dir = Path(results_dir)
+    paths = {c: results_dir / devkit_result_filename(split, c, comp) for c in class_names}
+    missing = [c for c, p in paths.items() if not p.is_file()]
+    if missing and (len(missing) == len(paths) or not allow_missing):
+        raise FileNotFoundError(
+            f"missing result file(s) in {results_dir}: "
+            + ", ".join(paths[c].name for c in missing[:5])
+            + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        )
+    if missing:
+        logger.warning("no result file for class(es) %s in %s: counted as no detections (AP 0)",
+                       ", ".join(missing), results_dir)
+    return {c: (None if c in missing else p) for c, p in paths.items()}
+
+
+def read_devkit_results(
+    results_dir: str | Path,
+    split: str,
+    class_names: Sequence[str],
+    comp: str = "comp4",
+    *,
+    allow_missing: bool = True,
+) -> dict[str, ClassDetections]:
+    """Read ``<results_dir>/<comp>_det_<split>_<class>.txt`` for every class.
+
+    Args:
+        results_dir: the folder holding the files.
+        split: the split in the file names (``"test"``).
+        class_names: the classes to read, in order.
+        comp: the competition prefix in the file names.
+        allow_missing: a missing class file counts as no detections (its AP is then 0) and a
+            warning names it; ``False`` makes it an error, as in the devkit.
+
+    Returns:
+        class name -> ``(image_ids, scores (D,), boxes (D, 4))``, boxes raw 1-based inclusive
+        as written in the file (pass ``box_format="raw"`` to
+        :func:`~mapdet.evaluation.voc.evaluate_voc`).
+
+    Raises:
+        FileNotFoundError: no file at all, or a missing one with ``allow_missing=False``.
+        ResultsFormatError: a malformed line (see :func:`read_result_file_reference`).
+    """
+    paths = result_paths(results_dir, split, class_names, comp, allow_missing=allow_missing)
+    return {c: ([], np.zeros(0), np.zeros((0, 4))) if p is None else read_result_file(p)
+            for c, p in paths.items()}
