@@ -23,9 +23,10 @@ operations:
 
 Devkit arithmetic (``devkit=True``): the IoU is the devkit's plain ``inters / uni``, so a
 pair whose union is 0 (a zero-area detection on a zero-area ground truth, which only a
-degenerate annotation can give) is NaN, and as in ``voc_eval.py`` (``np.max`` propagates
-NaN, ``NaN > 0.5`` is false) the detection is then a FP. The core (``devkit=False``) gives such
-a pair IoU 0.
+degenerate annotation can give) is NaN, as in ``voc_eval.py`` (``np.max`` propagates it,
+``NaN > 0.5`` is false: a FP). The core (``devkit=False``) gives such a pair IoU 0. Either way
+the detection is a FP (a zero-area detection has intersection 0 with every box), so the two
+rules never give different labels; the devkit's is kept to follow its arithmetic literally.
 """
 
 from __future__ import annotations
