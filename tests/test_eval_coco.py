@@ -107,3 +107,58 @@ def test_coco_image_ids_from_records():
         r.extra["coco_image_id"] = 100 + i
     assert coco_image_id_map(recs) == {"img_a": 100, "img_b": 101, "img_c": 102}
     assert [im["id"] for im in records_to_coco_gt(recs, CLASSES)["images"]] == [100, 101, 102]
+
+
+# -- the two backends agree ----------------------------------------------------------------
+
+
+def random_coco_case(seed: int, n_images: int = 40, n_classes: int = 3):
+    """Ground truth of every size range (small/medium/large), crowd regions, and noisy
+    detections with tied scores, as COCO dicts."""
+    rng = np.random.default_rng(seed)
+    images, anns, results = [], [], []
+    for i in range(1, n_images + 1):
+        images.append({"id": i, "width": 400, "height": 400, "file_name": f"{i}.jpg"})
+        for _ in range(int(rng.integers(0, 6))):
+            side = float(rng.choice([12.0, 50.0, 150.0])) * float(rng.uniform(0.7, 1.3))
+            x, y = (float(v) for v in rng.uniform(0, 400 - side, 2))
+            box = [x, y, side, side * float(rng.uniform(0.5, 1.5))]
+            cat = int(rng.integers(1, n_classes + 1))
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": cat, "bbox": box,
+                         "area": box[2] * box[3], "iscrowd": int(rng.uniform() < 0.05)})
+            for _ in range(int(rng.integers(0, 4))):
+                jitter = rng.normal(0, side * 0.15, 4)
+                det = [box[0] + jitter[0], box[1] + jitter[1], max(box[2] + jitter[2], 1.0),
+                       max(box[3] + jitter[3], 1.0)]
+                cat_d = cat if rng.uniform() < 0.8 else int(rng.integers(1, n_classes + 1))
+                results.append({"image_id": i, "category_id": cat_d,
+                                "bbox": [float(v) for v in det],
+                                "score": float(np.round(rng.uniform(), 2))})
+        for _ in range(int(rng.integers(0, 3))):  # background false positives
+            x, y = (float(v) for v in rng.uniform(0, 300, 2))
+            results.append({"image_id": i, "category_id": int(rng.integers(1, n_classes + 1)),
+                            "bbox": [x, y, 40.0, 30.0], "score": float(rng.uniform())})
+    cats = [{"id": c, "name": f"c{c}"} for c in range(1, n_classes + 1)]
+    return {"images": images, "annotations": anns, "categories": cats}, results
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_faster_coco_eval_equals_pycocotools(seed):
+    gt, results = random_coco_case(seed)
+    fast = evaluate_coco(gt, results, per_class=True, backend="faster")
+    ref = evaluate_coco(gt, results, per_class=True, backend="pycocotools")
+    assert 0 < fast["AP"] < 1
+    for name in COCO_STAT_NAMES:  # AP, AP50, AP75, APs/m/l, AR1/10/100, ARs/m/l
+        a, b = fast[name], ref[name]
+        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-12), name
+    for c, ap in ref["per_class"].items():
+        assert fast["per_class"][c] == pytest.approx(ap, abs=1e-12)
+
+
+def test_backends_agree_on_no_detections_and_reject_unknown_backend():
+    gt, _ = random_coco_case(3, n_images=5)
+    fast = evaluate_coco(gt, [], backend="faster")
+    ref = evaluate_coco(gt, [], backend="pycocotools")
+    assert fast["AP"] == ref["AP"] == 0.0
+    with pytest.raises(ValueError, match="backend must be one of"):
+        evaluate_coco(gt, [], backend="detectron")

@@ -1,11 +1,17 @@
-"""COCO metrics through pycocotools, for COCO itself and for any data set of ImageRecords.
+"""COCO metrics, for COCO itself and for any data set of ImageRecords.
 
-The official COCO numbers come from ``pycocotools.cocoeval.COCOeval``, whose matching differs
+Two backends compute the official COCO numbers: ``"faster"`` (default) is faster-coco-eval's
+``COCOeval_faster`` (maintained, its matching and accumulation in C++), ``"pycocotools"`` is
+``pycocotools.cocoeval.COCOeval`` (the reference implementation, unmaintained). They give
+identical statistics (``tests/test_eval_coco.py`` asserts it on generated data: AP, AP50,
+AP75, the three areas and the six ARs); ``benchmarks/bench_eval.py`` times both.
+
+The matching of ``COCOeval`` differs
 from the VOC one (docs/method.md, section 2): per image and category it matches in score order
 to the free ground truth of highest IoU, with crowd regions absorbing any number of
 detections, and reads precision at 101 recall points, for 10 IoU thresholds
 ``{0.50, 0.55, ..., 0.95}``, three object sizes and three detection caps. This module only
-wraps it: the statistics get names, and pycocotools' prints go to ``logging`` (debug level).
+wraps it: the statistics get names, and the backends' prints go to ``logging`` (debug level).
 
 ``COCOeval.stats`` -> names::
 
@@ -34,6 +40,7 @@ import numpy as np
 from mapdet.data.base import ImageRecord
 
 __all__ = [
+    "COCO_BACKENDS",
     "COCO_STAT_NAMES",
     "coco_image_id_map",
     "evaluate_coco",
@@ -41,6 +48,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+COCO_BACKENDS = ("faster", "pycocotools")
 
 COCO_STAT_NAMES = (
     "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
@@ -57,7 +66,7 @@ def _stdout_to_log(what: str):
     finally:
         text = buf.getvalue().strip()
         if text:
-            logger.debug("pycocotools (%s):\n%s", what, text)
+            logger.debug("COCO backend (%s):\n%s", what, text)
 
 
 def coco_image_id_map(records: Sequence[ImageRecord]) -> dict[str, int]:
@@ -159,12 +168,34 @@ def _coco_dt(gt, results: list, COCO):
     return dt
 
 
+def _backend(name: str):
+    """``(COCO, COCOeval factory)`` of a backend, imported on first use."""
+    if name == "faster":
+        try:
+            from faster_coco_eval import COCO, COCOeval_faster
+        except ImportError:  # pragma: no cover - a dependency, but say what to do
+            raise ImportError("the 'faster' COCO backend needs faster-coco-eval: "
+                              "pip install faster-coco-eval (or backend='pycocotools')") from None
+
+        def make(gt, dt, iou_type):
+            return COCOeval_faster(gt, dt, iou_type, print_function=logger.debug)
+
+        return COCO, make
+    if name == "pycocotools":
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+
+        return COCO, COCOeval
+    raise ValueError(f"backend must be one of {list(COCO_BACKENDS)}, got {name!r}")
+
+
 def evaluate_coco(
     annotation_json: str | Path | Mapping,
     results_json: str | Path | list,
     *,
     iou_type: str = "bbox",
     per_class: bool = False,
+    backend: str = "faster",
 ) -> dict[str, float | dict[str, float]]:
     """COCO metrics of detections.
 
@@ -176,14 +207,13 @@ def evaluate_coco(
         iou_type: ``"bbox"``.
         per_class: also return ``"per_class"``: category name -> AP@[.50:.95] (NaN where
             the category has no ground truth).
+        backend: ``"faster"`` (faster-coco-eval) or ``"pycocotools"``: same numbers.
 
     Returns:
         ``{"AP": ..., "AP50": ..., ..., "ARl": ...}`` (see the module docstring; NaN for
-        pycocotools' -1), plus ``"per_class"`` if asked.
+        COCOeval's -1), plus ``"per_class"`` if asked.
     """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
+    COCO, COCOeval = _backend(backend)
     gt = _coco_gt(annotation_json, COCO)
     dt = _coco_dt(gt, _load_json(results_json, "COCO results"), COCO)
     ev = COCOeval(gt, dt, iou_type)
