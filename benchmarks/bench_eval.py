@@ -1,78 +1,279 @@
-"""Benchmark: VOC evaluation at test-set scale (issue 4: <= 10 s on the 2-core machine).
+"""Benchmark: VOC and COCO evaluation against their peers, in one run, on one core.
 
-Workload: ``--images`` images (default 5,000, VOC07 test has 4,952) with 1-4 objects of
-``--classes`` classes (20) and ``--dets`` detections per image spread over the classes
-(default 100, Fast R-CNN's cap per image; ``--per-class`` makes it 100 per image *and class*),
-most of them near objects. Times ``evaluate_voc`` (VOC07 11-point and area, devkit
-convention) on in-memory detections, after one warm-up call.
+Workload (issue 11): ``--images`` images (5,000; VOC07 test has 4,952), 20 classes, 1-6
+objects per image with about 10% difficult, and ``--dets`` detections per image (100) spread
+over the classes, most near an object. It is written to a temporary folder as a VOC tree
+(annotation XML, ``ImageSets/Main/test.txt``), devkit result files written by
+:func:`mapdet.evaluation.export.write_devkit_results` (shortest round-trip decimals), and
+the same data as COCO JSON (ground truth and results).
 
-    python benchmarks/bench_eval.py
-    python benchmarks/bench_eval.py --per-class
+Timed, each once after a warm-up on a small workload, the process pinned to one CPU:
+
+- ``voc_eval.py`` (py-faster-rcnn's, the port in ``tests/devkit_reference.py``) looped over
+  the classes, with its ``annots.pkl`` cache as in the original (the first class parses the
+  XML, the others load the pickle): the peer;
+- mapdet from the files, Python API (:func:`~mapdet.evaluation.voc.evaluate_voc_results_dir`)
+  without the annotation cache (cold) and with it (warm), and the same through
+  ``mapdet eval --voc ... --results ...`` in a fresh interpreter (wall time of the whole
+  command: interpreter start, imports, reading, scoring);
+- mapdet on detections already in memory (:func:`~mapdet.evaluation.voc.evaluate_voc`);
+- COCO AP@[.5:.95] of the same data: :func:`~mapdet.evaluation.coco.evaluate_coco` with
+  faster-coco-eval (the default) and with pycocotools.
+
+The numbers are checked: every class's AP equals the port's to 1e-12, and the two COCO
+backends' statistics agree to 1e-12.
+
+    python benchmarks/bench_eval.py                     # the issue's workload
+    python benchmarks/bench_eval.py --dets 1000         # 1,000 detections per image
+    python benchmarks/bench_eval.py --scaling           # mapdet only: n, 4n, 16n images
+    python benchmarks/bench_eval.py --in-memory [--per-class]   # in-memory scoring only
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
-from mapdet.data.base import ImageRecord
-from mapdet.evaluation.voc import evaluate_voc
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the voc_eval.py port is test-only code
+
+from devkit_reference import voc_eval  # noqa: E402
+
+from mapdet.data.base import ImageRecord  # noqa: E402
+from mapdet.data.voc import VOC_CLASSES  # noqa: E402
+from mapdet.evaluation.coco import COCO_STAT_NAMES, evaluate_coco, records_to_coco_gt  # noqa: E402
+from mapdet.evaluation.export import (  # noqa: E402
+    coco_results_list,
+    write_devkit_results,
+)
+from mapdet.evaluation.voc import (  # noqa: E402
+    detections_by_class,
+    evaluate_voc,
+    evaluate_voc_results_dir,
+)
+
+XML = """<annotation>
+\t<folder>VOC2007</folder>
+\t<filename>{iid}.jpg</filename>
+\t<source><database>mapdet benchmark</database></source>
+\t<size><width>{w}</width><height>{h}</height><depth>3</depth></size>
+\t<segmented>0</segmented>
+{objects}</annotation>
+"""
+OBJ = """\t<object>
+\t\t<name>{name}</name>
+\t\t<pose>Unspecified</pose>
+\t\t<truncated>0</truncated>
+\t\t<difficult>{d}</difficult>
+\t\t<bndbox>
+\t\t\t<xmin>{b[0]}</xmin>
+\t\t\t<ymin>{b[1]}</ymin>
+\t\t\t<xmax>{b[2]}</xmax>
+\t\t\t<ymax>{b[3]}</ymax>
+\t\t</bndbox>
+\t</object>
+"""
 
 
-def workload(n_images: int, n_classes: int, dets: int, per_class: bool, seed: int = 0):
+def make_records(n_images: int, dets: int, seed: int = 0):
+    """``(records, detections)``: raw integer 1-based ground truth and per-image detections
+    ``{"boxes" continuous xyxy, "scores", "labels"}``."""
     rng = np.random.default_rng(seed)
-    class_names = [f"class{c}" for c in range(n_classes)]
-    records, per_cls = [], {name: ([], [], []) for name in class_names}
+    records, detections = [], {}
     for i in range(n_images):
-        n_obj = int(rng.integers(1, 5))
-        wh = rng.uniform(20, 200, (n_obj, 2))
-        xy = rng.uniform(0, 300, (n_obj, 2))
-        boxes = np.concatenate([xy, xy + wh], 1).astype(np.float32)
-        labels = rng.integers(0, n_classes, n_obj)
-        records.append(ImageRecord(image_id=f"{i:06d}", path=f"{i:06d}.jpg", width=500,
-                                   height=500, boxes=boxes, labels=labels,
-                                   difficult=rng.uniform(size=n_obj) < 0.1))
-        n_det = dets * n_classes if per_class else dets
-        lab = (np.repeat(np.arange(n_classes), dets) if per_class
-               else rng.integers(0, n_classes, n_det))
-        src = rng.integers(0, n_obj, n_det)
-        near = boxes[src] + rng.normal(0, 10, (n_det, 4))
-        near[:, 2:] = np.maximum(near[:, 2:], near[:, :2] + 2)
-        scores = rng.uniform(0, 1, n_det)
-        for c in range(n_classes):
-            sel = lab == c
-            ids, sc, bx = per_cls[class_names[c]]
-            ids.extend([records[-1].image_id] * int(sel.sum()))
-            sc.append(scores[sel])
-            bx.append(near[sel])
-    dets_by_class = {k: (v[0], np.concatenate(v[1]), np.concatenate(v[2]))
-                     for k, v in per_cls.items()}
-    return records, dets_by_class, class_names
+        iid = f"{i:06d}"
+        w, h = int(rng.integers(300, 501)), int(rng.integers(300, 501))
+        m = int(rng.integers(1, 7))
+        x1, y1 = rng.integers(1, w - 40, m), rng.integers(1, h - 40, m)
+        x2 = np.minimum(x1 + rng.integers(10, 300, m), w)
+        y2 = np.minimum(y1 + rng.integers(10, 300, m), h)
+        raw = np.stack([x1, y1, x2, y2], axis=1).astype(np.float64)
+        labels = rng.integers(0, len(VOC_CLASSES), m)
+        difficult = rng.uniform(size=m) < 0.1
+        cont = raw - np.array([1.0, 1.0, 0.0, 0.0])
+        records.append(ImageRecord(iid, Path(f"{iid}.jpg"), w, h, cont, labels, difficult,
+                                   extra={"voc_raw_boxes": raw}))
+        src = rng.integers(0, m, dets)
+        lab = np.where(rng.uniform(size=dets) < 0.5, labels[src],
+                       rng.integers(0, len(VOC_CLASSES), dets))
+        boxes = cont[src] + rng.normal(0, 8, (dets, 4))
+        boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2] + 2)
+        boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
+        boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
+        detections[iid] = {"boxes": boxes.astype(np.float32),
+                           "scores": rng.uniform(0.05, 1, dets).astype(np.float32),
+                           "labels": lab.astype(np.int64)}
+    return records, detections
+
+
+def write_workload(root: Path, records, detections) -> dict:
+    base = root / "VOC2007"
+    (base / "Annotations").mkdir(parents=True)
+    (base / "ImageSets" / "Main").mkdir(parents=True)
+    for r in records:
+        objects = "".join(OBJ.format(name=VOC_CLASSES[int(lab)], d=int(d), b=[int(v) for v in b])
+                          for b, lab, d in zip(r.extra["voc_raw_boxes"], r.labels, r.difficult,
+                                               strict=True))
+        (base / "Annotations" / f"{r.image_id}.xml").write_text(
+            XML.format(iid=r.image_id, w=r.width, h=r.height, objects=objects))
+    (base / "ImageSets" / "Main" / "test.txt").write_text(
+        "".join(f"{r.image_id}\n" for r in records))
+    results = root / "results"
+    write_devkit_results(results, "test", VOC_CLASSES, detections)
+    gt = records_to_coco_gt(records, VOC_CLASSES)
+    ids = {r.image_id: k + 1 for k, r in enumerate(records)}
+    coco_dets = coco_results_list(detections, ids, list(range(1, len(VOC_CLASSES) + 1)))
+    return {"root": root, "base": base, "results": results, "coco_gt": gt,
+            "coco_dets": coco_dets}
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def port_all(w: dict, cachedir: Path) -> dict:
+    base = w["base"]
+    return {c: voc_eval(str(w["results"] / "comp4_det_test_{}.txt"),
+                        str(base / "Annotations" / "{}.xml"),
+                        str(base / "ImageSets" / "Main" / "test.txt"), c,
+                        use_07_metric=True, sort_kind="stable", cachedir=str(cachedir))[2]
+            for c in VOC_CLASSES}
+
+
+def cli(w: dict, cache: Path, use_cache: bool) -> float:
+    env = dict(os.environ, MAPDET_CACHE_DIR=str(cache), PYTHONPATH=str(ROOT / "src"))
+    cmd = [sys.executable, "-m", "mapdet", "eval", "--voc", str(w["root"]), "--results",
+           str(w["results"]), "-q"] + ([] if use_cache else ["--no-cache"])
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
+def pin_one_core() -> str:
+    if hasattr(os, "sched_setaffinity"):
+        cpu = min(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpu})  # children (the CLI runs) inherit it
+        return f"pinned to CPU {cpu}"
+    return "not pinned"
+
+
+def compare(args) -> None:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        small = write_workload(tmp / "small", *make_records(50, 20, seed=1))
+        evaluate_voc_results_dir(small["root"], "test", small["results"], cache_dir=False)
+        evaluate_coco(small["coco_gt"], small["coco_dets"])  # warm-ups
+        evaluate_coco(small["coco_gt"], small["coco_dets"], backend="pycocotools")
+        t = time.perf_counter()
+        records, detections = make_records(args.images, args.dets)
+        w = write_workload(tmp / "w", records, detections)
+        total = sum(len(d["scores"]) for d in detections.values())
+        print(f"workload: {args.images} images, 20 classes, {total:,} detections "
+              f"(written in {time.perf_counter() - t:.0f} s)")
+
+        t_port, port = timed(lambda: port_all(w, tmp / "port_cache"))
+        rows.append(("voc_eval.py looped over the classes (annots.pkl cache)", t_port, None))
+        t_cold, res = timed(lambda: evaluate_voc_results_dir(
+            w["root"], "test", w["results"], "voc07", cache_dir=False))
+        for c in VOC_CLASSES:
+            assert abs(res.per_class[c] - port[c]) <= 1e-12, (c, res.per_class[c], port[c])
+        cache = tmp / "cache"
+        evaluate_voc_results_dir(w["root"], "test", w["results"], "voc07", cache_dir=cache)
+        t_warm, res2 = timed(lambda: evaluate_voc_results_dir(
+            w["root"], "test", w["results"], "voc07", cache_dir=cache))
+        assert res2.per_class == res.per_class
+        rows.append(("mapdet API from files, no annotation cache", t_cold, t_port / t_cold))
+        rows.append(("mapdet API from files, annotation cache", t_warm, t_port / t_warm))
+        t_cli_cold = cli(w, tmp / "cli_cache", use_cache=False)
+        cli(w, tmp / "cli_cache", use_cache=True)
+        t_cli_warm = cli(w, tmp / "cli_cache", use_cache=True)
+        rows.append(("mapdet eval --voc --results --no-cache (whole command)", t_cli_cold,
+                     t_port / t_cli_cold))
+        rows.append(("mapdet eval --voc --results (whole command, cache)", t_cli_warm,
+                     t_port / t_cli_warm))
+        per_class = detections_by_class(detections, VOC_CLASSES)
+        t_mem, res3 = timed(lambda: evaluate_voc(records, per_class, class_names=VOC_CLASSES,
+                                                 metric="voc07"))
+        rows.append(("mapdet API, detections in memory", t_mem, t_port / t_mem))
+
+        t_pyc, ref = timed(lambda: evaluate_coco(w["coco_gt"], w["coco_dets"],
+                                                 backend="pycocotools"))
+        t_fast, fast = timed(lambda: evaluate_coco(w["coco_gt"], w["coco_dets"]))
+        for name in COCO_STAT_NAMES:
+            a, b = fast[name], ref[name]
+            assert (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-12, name
+        coco_rows = [("COCO AP@[.5:.95], pycocotools", t_pyc, None),
+                     ("COCO AP@[.5:.95], faster-coco-eval (mapdet's default)", t_fast,
+                      t_pyc / t_fast)]
+
+    print(f"VOC07 mAP {res.mAP:.4f} (equal to voc_eval.py's per class to 1e-12); "
+          f"COCO AP {fast['AP']:.4f} (both backends)\n")
+    print(f"| {'what':<58} | {'time':>8} | {'speed-up':>9} |")
+    print(f"|{'-' * 60}|{'-' * 10}:|{'-' * 11}:|")
+    for name, sec, ratio in rows + coco_rows:
+        r = "" if ratio is None else f"{ratio:.1f}x"
+        print(f"| {name:<58} | {sec:>6.2f} s | {r:>9} |")
+
+
+def scaling(args) -> None:
+    print(f"| {'images':>7} | {'detections':>11} | {'API, cache':>10} | {'per 1k images':>13} |")
+    print(f"|{'-' * 9}:|{'-' * 13}:|{'-' * 12}:|{'-' * 15}:|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, n in enumerate((args.images // 4, args.images, args.images * 4)):
+            records, detections = make_records(n, args.dets, seed=k)
+            w = write_workload(Path(tmp) / str(n), records, detections)
+            cache = Path(tmp) / "cache"
+            evaluate_voc_results_dir(w["root"], "test", w["results"], cache_dir=cache)
+            t, _ = timed(lambda w=w, cache=cache: evaluate_voc_results_dir(
+                w["root"], "test", w["results"], cache_dir=cache))
+            print(f"| {n:>7} | {n * args.dets:>11,} | {t:>8.2f} s | {1000 * t / n:>11.3f} s |")
+
+
+def in_memory(args) -> None:
+    records, detections = make_records(args.images, args.dets if not args.per_class else
+                                       args.dets * len(VOC_CLASSES))
+    per_class = detections_by_class(detections, VOC_CLASSES)
+    total = sum(len(v[0]) for v in per_class.values())
+    evaluate_voc(records[:50], {}, class_names=VOC_CLASSES)
+    for metric in ("voc07", "area"):
+        t, res = timed(lambda metric=metric: evaluate_voc(records, per_class,
+                                                          class_names=VOC_CLASSES,
+                                                          metric=metric))
+        print(f"{metric:>5}: {args.images} images, 20 classes, {total:,} detections in memory "
+              f"-> mAP {res.mAP:.3f} in {t:.2f} s")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=5000)
-    parser.add_argument("--classes", type=int, default=20)
-    parser.add_argument("--dets", type=int, default=100)
-    parser.add_argument("--per-class", action="store_true")
+    parser.add_argument("--dets", type=int, default=100, help="detections per image")
+    parser.add_argument("--scaling", action="store_true", help="mapdet only, n/4, n, 4n")
+    parser.add_argument("--in-memory", action="store_true", help="in-memory scoring only")
+    parser.add_argument("--per-class", action="store_true",
+                        help="with --in-memory: --dets per image *and class*")
     args = parser.parse_args()
-    records, dets, names = workload(args.images, args.classes, args.dets, args.per_class)
-    total = sum(len(v[0]) for v in dets.values())
-    small = {k: (v[0][:50], v[1][:50], v[2][:50]) for k, v in dets.items()}
-    evaluate_voc(records[:50], {k: ([], v[1][:0], v[2][:0]) for k, v in small.items()},
-                 class_names=names)  # warm-up (numba compilation)
-    for metric in ("voc07", "area"):
-        t = time.perf_counter()
-        res = evaluate_voc(records, dets, class_names=names, metric=metric)
-        dt = time.perf_counter() - t
-        print(f"{metric:>5}: {args.images} images, {args.classes} classes, {total:,} detections "
-              f"-> mAP {res.mAP:.3f} in {dt:.2f} s (target <= 10 s)")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores")
+    pinned = pin_one_core()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    if args.in_memory:
+        in_memory(args)
+    elif args.scaling:
+        scaling(args)
+    else:
+        compare(args)
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, {pinned}; "
+          f"load average at the start {load:.2f}")
 
 
 if __name__ == "__main__":

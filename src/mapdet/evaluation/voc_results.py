@@ -9,11 +9,9 @@ Two readers that must agree (``tests/test_eval_voc_results.py`` checks them on g
   also produces every error message (``file:line: what is wrong``).
 - :func:`read_result_file`: the fast one. The file is read as bytes and tokenised with numpy
   (a token is a run of non-whitespace bytes, whitespace being ASCII space, ``\\t\\n\\v\\f\\r``);
-  every non-blank line must hold 6 tokens. Numbers of the form ``[+-]digits[.digits]`` with at
-  most 15 digits are decoded by :func:`parse_decimals` as ``m / 10^f`` (``m`` the integer of
-  all digits, ``f`` the number of fraction digits): ``m < 2^53`` and ``10^f <= 10^15`` are
-  exact doubles, so the one IEEE division is correctly rounded and equals ``float(text)``
-  bit for bit (Clinger's fast path). Other tokens (exponents, longer numbers) go through
+  every non-blank line must hold 6 tokens. Numbers of the form ``[+-]digits[.digits]`` with
+  up to 18 digits are decoded by :func:`parse_decimals`, bit for bit as ``float(text)``
+  (its docstring gives the argument). Other tokens (exponents, longer numbers) go through
   ``float()`` one by one. Anything unusual (a byte outside ASCII, a lone ``\\r``, a wrong
   field count, a non-number, a NaN, a negative width) makes the reader fall back to the
   reference, which raises the one-line error naming the file and the line.
@@ -21,6 +19,7 @@ Two readers that must agree (``tests/test_eval_voc_results.py`` checks them on g
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Sequence
@@ -52,8 +51,14 @@ WIDTH_TOLERANCE = 1e-6
 ClassDetections = tuple[list[str], np.ndarray, np.ndarray]
 
 _FIELDS = 6
-_POW10 = 10.0 ** np.arange(16)
-_MAX_DIGITS = 15
+#: Exact decimals: ``m / 10^f`` with at most 15 digits (``m < 2^53``) is one correctly
+#: rounded double division; 16 to 18 digits go through the extended long double (below).
+_SHORT_DIGITS = 15
+_MAX_DIGITS = 18
+_POW10 = 10.0 ** np.arange(_MAX_DIGITS + 1)
+_POW10_INT = 10 ** np.arange(_MAX_DIGITS + 1, dtype=np.int64)
+#: x86's 80-bit long double has a 64-bit significand: 10^18 and every m < 10^18 are exact.
+_EXTENDED = np.finfo(np.longdouble).nmant >= 63
 
 
 class ResultsFormatError(ValueError):
@@ -139,43 +144,87 @@ def _counts(mask: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarra
     return (c[ends] - c[starts]).astype(np.int64)
 
 
+def _eight_digits(words: np.ndarray) -> np.ndarray:
+    """The integers of 8 decimal digits packed in each uint64 (byte ``i`` holds digit ``i``
+    as a value 0..9, the first byte the most significant): three multiply-and-shift steps
+    combine digits by pairs, quads and octets (D. Lemire's SWAR parsing); wrapping uint64
+    arithmetic is what the method uses."""
+    v = words * np.uint64(10) + (words >> np.uint64(8))
+    mask = np.uint64(0x000000FF000000FF)
+    mul1 = np.uint64(100 + (1000000 << 32))
+    mul2 = np.uint64(1 + (10000 << 32))
+    return ((v & mask) * mul1 + ((v >> np.uint64(16)) & mask) * mul2) >> np.uint64(32)
+
+
 def parse_decimals(b: np.ndarray, starts: np.ndarray, ends: np.ndarray
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Decode the tokens ``b[starts[t]:ends[t]]`` of a byte buffer as decimal numbers.
+
+    A token ``[+-]digits[.digits]`` (the dot anywhere, at least one digit) has the value
+    ``±m / 10^f``: ``m`` the integer of its digits, ``f`` its number of fraction digits.
+    The dots are squeezed out of the buffer, each token's last 24 bytes copied to a row (its
+    digits right-aligned, the rest zeroed) and ``m`` read 8 digits at a time
+    (:func:`_eight_digits`), exactly, up to 18 digits. The double nearest to ``±m / 10^f``, which is
+    ``float(token)``:
+
+    - up to 15 digits, ``m`` and ``10^f`` are exact doubles and one IEEE division rounds
+      correctly (Clinger's fast path);
+    - 16 to 18 digits (``repr`` of a double writes up to 17), where the platform's long
+      double has a 64-bit significand (x86): ``q = m / 10^f`` in long double, with ``m`` and
+      ``10^f`` exact, is within half a long-double ulp of the true value, and rounding ``q``
+      to double is correct unless ``q`` is exactly halfway between two doubles (halfway points
+      lie on the long-double grid, so the true value is on ``q``'s side of any other); those
+      rare tokens, like longer ones, are left to ``float()``.
 
     Args:
         b: ``(L,)`` uint8, the buffer (``L < 2^31``); ``starts``, ``ends``: ``(T,)`` the
             bounds of *all* its tokens (runs of non-whitespace bytes, :func:`_token_bounds`).
 
     Returns:
-        ``(values (T,) float64, ok (T,) bool)``: ``ok`` marks the tokens of the form
-        ``[+-]digits[.digits]`` (the dot anywhere, at least one and at most 15 digits), whose
-        value is ``±m / 10^f``, equal to ``float(token)`` (see the module docstring); other
-        tokens' values are meaningless.
+        ``(values (T,) float64, ok (T,) bool)``: ``ok`` marks the tokens decoded here, whose
+        value equals ``float(token)`` bit for bit; the others' values are meaningless.
     """
     n = starts.size
     if n == 0:
         return np.zeros(0), np.zeros(0, dtype=bool)
-    digit = (b - np.uint8(48)) < 10
-    dot = b == 46
-    ndigits = _counts(digit, starts, ends)
-    ndots = _counts(dot, starts, ends)
-    nodd = (ends - starts) - ndigits - ndots  # tokens hold no whitespace
+    width = _MAX_DIGITS + 6  # 24 digit columns, 3 words
+    length = ends - starts
     first = b[starts]
     signed = (first == 45) | (first == 43)
-    ok = (nodd == signed) & (ndots <= 1) & (ndigits >= 1) & (ndigits <= _MAX_DIGITS)
-    dot_at = np.full(n, -1, dtype=np.int64)  # -1: no dot
+    dot = b == 46
+    dots_before = np.zeros(b.size + 1, dtype=np.int32)
+    np.cumsum(dot, out=dots_before[1:])
+    ndots = (dots_before[ends] - dots_before[starts]).astype(np.int64)
+    dot_at = np.full(n, -1, dtype=np.int64)
     dot_at[np.repeat(np.arange(n), ndots)] = np.flatnonzero(dot)
-    # in an ok token every byte after the dot is a digit
+    ndigits = length - signed - ndots  # every other byte must be a digit
+    ok = (ndots <= 1) & (ndigits >= 1) & (ndigits <= _MAX_DIGITS)
+    # squeeze the dots out of the buffer; then a token's digits are its last ndigits bytes
+    squeezed = np.concatenate((np.full(width, 48, dtype=np.uint8), b[~dot]))
+    new_ends = ends - dots_before[ends] + width
+    # rows[t, j] = the j-th of the width bytes that end the squeezed token t, as digit values
+    rows = np.lib.stride_tricks.sliding_window_view(squeezed, width)[new_ends - width]
+    rows -= np.uint8(48)
+    region = np.arange(width, dtype=np.int8) >= (width - np.minimum(ndigits, width)).astype(
+        np.int8)[:, None]
+    rows *= region  # 0 outside the token's digits
+    ok &= ~(rows > 9).any(axis=1)
+    words = _eight_digits(rows.view("<u8"))  # (T, 3)
+    mantissa = (words[:, 0] * np.uint64(10**16) + words[:, 1] * np.uint64(10**8)
+                + words[:, 2]).astype(np.int64)
     fraction = np.where(ndots == 1, ends - dot_at - 1, 0)
     np.clip(fraction, 0, _MAX_DIGITS, out=fraction)
-    where = np.flatnonzero(digit)
-    token = np.repeat(np.arange(n), ndigits)  # every digit lies in exactly one token
-    rank = ends[token] - where - 1 - (where < dot_at[token])  # digits after it in its token
-    np.clip(rank, 0, _MAX_DIGITS, out=rank)
-    # sums of at most 15 terms d * 10^k below 10^15: exact in float64
-    mantissa = np.bincount(token, weights=(b[where] - np.uint8(48)) * _POW10[rank], minlength=n)
     values = mantissa / _POW10[fraction]
+    long = np.flatnonzero(ok & (ndigits > _SHORT_DIGITS))
+    if long.size:
+        if _EXTENDED:
+            q = mantissa[long].astype(np.longdouble) / _POW10_INT[fraction[long]].astype(
+                np.longdouble)
+            values[long] = q.astype(np.float64)
+            frac_bits = (np.frexp(q)[0] * np.longdouble(2.0**64)).astype(np.uint64)
+            ok[long[(frac_bits & np.uint64(0x7FF)) == np.uint64(0x400)]] = False  # halfway
+        else:
+            ok[long] = False
     np.negative(values, out=values, where=first == 45)
     return values, ok
 
@@ -274,8 +323,8 @@ class ImageIndex:
             table = self._bytes
         else:
             table = self._str
-        get = table.get
-        return np.fromiter((get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
+        return np.fromiter(map(table.get, ids, itertools.repeat(-1)), dtype=np.int64,
+                           count=len(ids))
 
 
 def read_result_file_indexed(path: str | Path, index: ImageIndex, what: str
