@@ -57,6 +57,9 @@ _SHORT_DIGITS = 15
 _MAX_DIGITS = 18
 _POW10 = 10.0 ** np.arange(_MAX_DIGITS + 1)
 _POW10_INT = 10 ** np.arange(_MAX_DIGITS + 1, dtype=np.int64)
+#: ``_KEEP_HIGH[k]`` clears the low ``k`` bytes of a uint64 (``k = 0..8``).
+_KEEP_HIGH = np.array([(0xFFFFFFFFFFFFFFFF << (8 * k)) & 0xFFFFFFFFFFFFFFFF for k in range(9)],
+                      dtype=np.uint64)
 #: x86's 80-bit long double has a 64-bit significand: 10^18 and every m < 10^18 are exact.
 _EXTENDED = np.finfo(np.longdouble).nmant >= 63
 
@@ -162,9 +165,10 @@ def parse_decimals(b: np.ndarray, starts: np.ndarray, ends: np.ndarray
 
     A token ``[+-]digits[.digits]`` (the dot anywhere, at least one digit) has the value
     ``±m / 10^f``: ``m`` the integer of its digits, ``f`` its number of fraction digits.
-    The dots are squeezed out of the buffer, each token's last 24 bytes copied to a row (its
-    digits right-aligned, the rest zeroed) and ``m`` read 8 digits at a time
-    (:func:`_eight_digits`), exactly, up to 18 digits. The double nearest to ``±m / 10^f``, which is
+    The dots are squeezed out of the buffer, each token's last 24 bytes copied to a row of 3
+    words (its digits right-aligned, the bytes before them cleared, every byte checked to be a
+    digit with a bit trick) and ``m`` read 8 digits at a time (:func:`_eight_digits`),
+    exactly, up to 18 digits. The double nearest to ``±m / 10^f``, which is
     ``float(token)``:
 
     - up to 15 digits, ``m`` and ``10^f`` are exact doubles and one IEEE division rounds
@@ -192,24 +196,28 @@ def parse_decimals(b: np.ndarray, starts: np.ndarray, ends: np.ndarray
     first = b[starts]
     signed = (first == 45) | (first == 43)
     dot = b == 46
-    dots_before = np.zeros(b.size + 1, dtype=np.int32)
-    np.cumsum(dot, out=dots_before[1:])
-    ndots = (dots_before[ends] - dots_before[starts]).astype(np.int64)
+    dot_pos = np.flatnonzero(dot)
+    dot_token = np.searchsorted(ends, dot_pos, side="right")  # every dot lies in a token
+    ndots = np.bincount(dot_token, minlength=n)
     dot_at = np.full(n, -1, dtype=np.int64)
-    dot_at[np.repeat(np.arange(n), ndots)] = np.flatnonzero(dot)
+    dot_at[dot_token] = dot_pos  # meaningful where ndots == 1
     ndigits = length - signed - ndots  # every other byte must be a digit
     ok = (ndots <= 1) & (ndigits >= 1) & (ndigits <= _MAX_DIGITS)
     # squeeze the dots out of the buffer; then a token's digits are its last ndigits bytes
-    squeezed = np.concatenate((np.full(width, 48, dtype=np.uint8), b[~dot]))
-    new_ends = ends - dots_before[ends] + width
-    # rows[t, j] = the j-th of the width bytes that end the squeezed token t, as digit values
+    squeezed = np.concatenate((np.full(width, 48, dtype=np.uint8), np.delete(b, dot_pos)))
+    new_ends = ends - np.cumsum(ndots) + width
+    # rows[t, j] = the j-th of the width bytes that end the squeezed token t, minus '0'
     rows = np.lib.stride_tricks.sliding_window_view(squeezed, width)[new_ends - width]
     rows -= np.uint8(48)
-    region = np.arange(width, dtype=np.int8) >= (width - np.minimum(ndigits, width)).astype(
-        np.int8)[:, None]
-    rows *= region  # 0 outside the token's digits
-    ok &= ~(rows > 9).any(axis=1)
-    words = _eight_digits(rows.view("<u8"))  # (T, 3)
+    words = rows.view("<u8")  # (T, 3); byte j of a word is column 8 * word + j
+    # clear the bytes before the token's digits: the low 8 * k bits of each word
+    lead = (width - np.minimum(ndigits, width))[:, None] - np.arange(0, width, 8)
+    words &= _KEEP_HIGH[np.clip(lead, 0, 8)]
+    # a byte x is a digit value (x <= 9) unless x >= 0x80 or (x & 0x7F) + 0x76 >= 0x80
+    high = np.uint64(0x8080808080808080)
+    bad = ((words & np.uint64(0x7F7F7F7F7F7F7F7F)) + np.uint64(0x7676767676767676)) | words
+    ok &= ~(bad & high).any(axis=1)
+    words = _eight_digits(words)
     mantissa = (words[:, 0] * np.uint64(10**16) + words[:, 1] * np.uint64(10**8)
                 + words[:, 2]).astype(np.int64)
     fraction = np.where(ndots == 1, ends - dot_at - 1, 0)
@@ -242,12 +250,11 @@ def _fast_parse(data: bytes) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     if starts.size == 0:
         return np.zeros(0, dtype="S1"), np.zeros((0, 5))
-    line = np.zeros(b.size + 1, dtype=np.int32)
-    np.cumsum(b == 10, out=line[1:])
-    line = line[starts]  # line of each token, 0-based
-    group = np.flatnonzero(np.diff(line)) + 1
-    per_line = np.diff(np.concatenate(([0], group, [line.size])))
-    if (per_line != _FIELDS).any():
+    # 6 tokens a line: the gaps between tokens that hold a newline are exactly those
+    # before tokens 6, 12, ...
+    after_newline = np.unique(np.searchsorted(starts, np.flatnonzero(b == 10)))
+    breaks = after_newline[(after_newline > 0) & (after_newline < starts.size)]
+    if not np.array_equal(breaks, np.arange(_FIELDS, starts.size, _FIELDS)):
         return None
     values, ok = parse_decimals(b, starts, ends)
     numeric = np.ones(starts.size, dtype=bool)
