@@ -282,6 +282,26 @@ def _gather_tokens(b: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.nd
     return np.ascontiguousarray(chars.astype(np.uint8)).view(f"S{width}").reshape(-1)
 
 
+_HEAP_PRIMED = False
+
+
+def prime_heap() -> None:
+    """Allocate and free one 30 MiB block, once per process, before reading result files.
+
+    The reader's temporaries are a few MiB each. glibc serves such blocks with a fresh
+    ``mmap`` (and a page fault per 4 KiB touched) until a large mmapped block has been freed:
+    then its dynamic threshold rises to that block's size (at most 32 MiB) and later blocks
+    come from the heap and are reused. Freeing a 30 MiB block first gives that state at once
+    instead of after many faults; on the 5,000-image benchmark this removed about 200,000
+    page faults (0.4 s of system time in a VM). Elsewhere it is a harmless allocation.
+    """
+    global _HEAP_PRIMED
+    if not _HEAP_PRIMED:
+        block = np.empty(30 * 2**20, dtype=np.uint8)
+        del block
+        _HEAP_PRIMED = True
+
+
 def read_result_file(path: str | Path) -> ClassDetections:
     """Read one result file (vectorised; same output and errors as
     :func:`read_result_file_reference`).
@@ -290,6 +310,7 @@ def read_result_file(path: str | Path) -> ClassDetections:
         ``(image_ids (D,) list[str], scores (D,) float64, boxes (D, 4) float64)``.
     """
     path = Path(path)
+    prime_heap()
     parsed = _fast_parse(path.read_bytes())
     if parsed is None:
         return read_result_file_reference(path)
@@ -351,6 +372,7 @@ def read_result_file_indexed(path: str | Path, index: ImageIndex, what: str
         ValueError: an image id not in the set; the message names the file, the line and the id.
     """
     path = Path(path)
+    prime_heap()
     parsed = _fast_parse(path.read_bytes())
     if parsed is None:
         ids_str, scores, boxes = read_result_file_reference(path)
