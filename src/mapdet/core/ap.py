@@ -123,8 +123,10 @@ def best_ground_truth(
         return best, best_iou
     order, sorted_ids = groups if groups is not None else image_groups(image_ids)
     gt_order, gt_sorted = image_groups(gt.image_ids)
-    imgs = np.intersect1d(sorted_ids, gt_sorted)
+    imgs = np.unique(gt_sorted)  # images with ground truth, then those with windows too
     lo, hi = np.searchsorted(sorted_ids, imgs, "left"), np.searchsorted(sorted_ids, imgs, "right")
+    has = hi > lo
+    imgs, lo, hi = imgs[has], lo[has], hi[has]
     g_lo = np.searchsorted(gt_sorted, imgs, "left")
     g_hi = np.searchsorted(gt_sorted, imgs, "right")
     for k in range(imgs.size):

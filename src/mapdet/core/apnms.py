@@ -199,7 +199,8 @@ def ap_pseudo_gradient_multiclass(
     """
     problems = class_problems(scores, boxes, image_ids, gt_boxes, gt_labels, gt_image_ids,
                               gt_difficult, score_threshold=score_threshold, nms_iou=nms_iou,
-                              match_iou=match_iou, ap_method=ap_method, min_step=min_step)
+                              match_iou=match_iou, ap_method=ap_method, min_step=min_step,
+                              grad_rows=grad_rows)
     aps, grads, _ = solve_classes(problems, num_threads, grad_rows)
     if not problems:
         grads = np.zeros((np.asarray(scores).shape[0], 0))
@@ -208,9 +209,14 @@ def ap_pseudo_gradient_multiclass(
 
 def class_problems(scores, boxes, image_ids, gt_boxes, gt_labels, gt_image_ids,
                    gt_difficult=None, *, score_threshold, nms_iou, match_iou, ap_method,
-                   min_step) -> list[_ClassProblem]:
+                   min_step, grad_rows=None) -> list[_ClassProblem]:
     """Check the ``K``-class inputs (as :func:`ap_pseudo_gradient_multiclass`) and split them
-    into one problem per class."""
+    into one problem per class.
+
+    With ``grad_rows``, a class's problem keeps only the first ``grad_rows`` windows and the
+    others that are candidates of that class (``score > score_threshold``): a window that is
+    neither queried nor a candidate changes neither the detections nor the AP. ``rows``
+    (on each problem) maps its windows back, ``None`` when all are kept."""
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 2:
         raise ValueError(f"scores must have shape (N, K), got {scores.shape}")
@@ -244,14 +250,30 @@ def class_problems(scores, boxes, image_ids, gt_boxes, gt_labels, gt_image_ids,
     ids = ids.astype(np.int64)
     dense, n_img = _dense_images(ids)
     shared = (ids, dense, n_img, image_groups(ids))
+    tau = _check_number("score_threshold", score_threshold)
     problems = []
     for c in range(k):
         sel = gt_labels == c
-        problems.append(_ClassProblem(
-            scores[:, c], boxes[:, c] if boxes.ndim == 3 else boxes, ids,
-            gt_boxes[sel], gt_image_ids[sel], difficult[sel],
-            score_threshold, nms_iou, match_iou, ap_method, min_step, shared,
-        ))
+        box_c = boxes[:, c] if boxes.ndim == 3 else boxes
+        rows = None
+        if grad_rows is not None and int(grad_rows) < n:
+            head = max(int(grad_rows), 0)
+            rows = np.concatenate([np.arange(head), head + np.flatnonzero(scores[head:, c] > tau)])
+        if rows is None or rows.size == n:
+            p = _ClassProblem(scores[:, c], box_c, ids, gt_boxes[sel], gt_image_ids[sel],
+                              difficult[sel], score_threshold, nms_iou, match_iou, ap_method,
+                              min_step, shared)
+            p.rows = None
+        else:
+            sub = ids[rows]
+            dense_s, n_img_s = _dense_images(sub)
+            p = _ClassProblem(scores[rows, c], box_c[rows], sub, gt_boxes[sel],
+                              gt_image_ids[sel], difficult[sel], score_threshold, nms_iou,
+                              match_iou, ap_method, min_step,
+                              (sub, dense_s, n_img_s, image_groups(sub)))
+            p.rows = rows
+        p.n_all = n
+        problems.append(p)
     return problems
 
 
@@ -260,11 +282,18 @@ def solve_classes(problems: list[_ClassProblem], num_threads: int | None = None,
     """Run the kernel on every class (in threads): ``(aps (K,), grads (N, K), gains (N, K))``,
     ``gains`` the AP gained at each pseudo-partial's nearest improvement."""
     k = len(problems)
-    n = problems[0].scores.size if k else 0
+    n = getattr(problems[0], "n_all", problems[0].scores.size) if k else 0
 
     def one(p):
         gain = np.zeros(p.scores.size, dtype=np.float64)
         ap, grad = _solve(p, grad_rows, None, gain)
+        rows = getattr(p, "rows", None)
+        if rows is not None:  # back to all N windows (those dropped get 0)
+            full_g = np.zeros(p.n_all)
+            full_gain = np.zeros(p.n_all)
+            full_g[rows] = grad
+            full_gain[rows] = gain
+            return ap, full_g, full_gain
         return ap, grad, gain
 
     threads = num_threads or os.cpu_count() or 1
