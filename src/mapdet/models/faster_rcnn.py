@@ -1,0 +1,192 @@
+"""torchvision Faster R-CNN models, for ``model.arch: faster_rcnn`` (no Selective Search).
+
+:func:`build_faster_rcnn` returns a ``torchvision.models.detection.FasterRCNN`` with ``K + 1``
+classes (background at 0, as torchvision counts them) on one of :data:`FASTER_RCNN_BACKBONES`:
+
+- ``resnet50_fpn``, ``resnet50_fpn_v2``, ``mobilenet_v3_large_fpn``: torchvision's own
+  builders (``fasterrcnn_*``); ``pretrained=True`` loads their ImageNet backbone weights
+  (``weights_backbone``), frozen BatchNorm; from scratch: trainable BatchNorm.
+- ``resnet18_fpn``: ``resnet_fpn_backbone("resnet18")`` in a ``FasterRCNN``, same rules.
+- ``small``: :class:`~mapdet.models.backbones.SmallBackbone` (GroupNorm, stride 8, 128
+  channels) as a single feature level, anchors 16..128 px, RoI max pooling 7x7 (as the
+  project's Fast R-CNN; torchvision's CPU RoIAlign backward is ~14x slower than RoIPool's,
+  see ``benchmarks/bench_faster_rcnn.py``), a 256-wide two-layer head: a from-scratch model
+  small enough for CPU training on the digits benchmark.
+
+Pretrained weights offline raise :class:`~mapdet.models.backbones.PretrainedWeightsUnavailableError`
+(naming the weights and the cache file) within 30 s instead of hanging.
+
+The model normalises and resizes images itself (``GeneralizedRCNNTransform``): ``min_size``,
+``max_size``, ``image_mean``, ``image_std``. Inputs already normalised by mapdet's data
+pipeline pass ``image_mean=(0, 0, 0)``, ``image_std=(1, 1, 1)``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+from torchvision.models import ResNet18_Weights
+from torchvision.models.detection import (
+    FasterRCNN,
+    fasterrcnn_mobilenet_v3_large_fpn,
+    fasterrcnn_resnet50_fpn,
+    fasterrcnn_resnet50_fpn_v2,
+)
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, roi_pool
+
+from mapdet.models.backbones import (
+    PretrainedWeightsUnavailableError,
+    SmallBackbone,
+    _socket_timeout,
+)
+
+__all__ = ["FASTER_RCNN_BACKBONES", "SingleLevelRoIPool", "build_faster_rcnn"]
+
+FASTER_RCNN_BACKBONES = (
+    "resnet50_fpn", "resnet50_fpn_v2", "mobilenet_v3_large_fpn", "resnet18_fpn", "small",
+)  # fmt: skip
+_DOWNLOAD_TIMEOUT_S = 30.0
+
+
+def _backbone_weights(name: str):
+    from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights
+
+    return {
+        "resnet50_fpn": ResNet50_Weights.IMAGENET1K_V1,
+        "resnet50_fpn_v2": ResNet50_Weights.IMAGENET1K_V1,
+        "mobilenet_v3_large_fpn": MobileNet_V3_Large_Weights.IMAGENET1K_V1,
+        "resnet18_fpn": ResNet18_Weights.IMAGENET1K_V1,
+    }[name]
+
+
+def build_faster_rcnn(
+    backbone: str,
+    num_classes: int,
+    *,
+    pretrained: bool = False,
+    trainable_layers: int | None = None,
+    min_size: int = 800,
+    max_size: int = 1333,
+    image_mean: Sequence[float] | None = None,
+    image_std: Sequence[float] | None = None,
+    **detector_kwargs,
+) -> FasterRCNN:
+    """A torchvision ``FasterRCNN`` for ``num_classes`` foreground classes.
+
+    Args:
+        backbone: one of :data:`FASTER_RCNN_BACKBONES`.
+        num_classes: ``K``; the model predicts ``K + 1`` classes (background 0, labels
+            ``1..K``).
+        pretrained: ImageNet backbone weights (not for ``small``).
+        trainable_layers: backbone stages left trainable (torchvision's meaning; default 3
+            when pretrained, all when not). Not for ``small``.
+        min_size, max_size, image_mean, image_std: the model's image transform.
+        **detector_kwargs: ``FasterRCNN`` options (``box_score_thresh``, ``box_nms_thresh``,
+            ``box_detections_per_img``, ``rpn_post_nms_top_n_train``, ...).
+
+    Raises:
+        ValueError: unknown backbone, ``num_classes < 1``, an option that does not apply.
+        PretrainedWeightsUnavailableError: ``pretrained=True`` offline without a cached file.
+    """
+    if backbone not in FASTER_RCNN_BACKBONES:
+        raise ValueError(f"unknown Faster R-CNN backbone {backbone!r}; choose one of "
+                         f"{list(FASTER_RCNN_BACKBONES)}")
+    if int(num_classes) < 1:
+        raise ValueError(f"num_classes must be >= 1 foreground classes, got {num_classes}")
+    kw = dict(detector_kwargs, min_size=min_size, max_size=max_size)
+    if image_mean is not None:
+        kw["image_mean"] = list(image_mean)
+    if image_std is not None:
+        kw["image_std"] = list(image_std)
+    if backbone == "small":
+        if pretrained:
+            raise ValueError("no pretrained weights for Faster R-CNN backbone 'small'; "
+                             "use pretrained=False")
+        if trainable_layers is not None:
+            raise ValueError("trainable_layers does not apply to backbone 'small'")
+        return _small_faster_rcnn(num_classes + 1, **kw)
+    weights = _backbone_weights(backbone) if pretrained else None
+    if weights is not None:
+        _fetch_weights(backbone, weights)  # fail clearly before building
+    if trainable_layers is None:
+        trainable_layers = 3 if pretrained else 5
+    if backbone == "resnet18_fpn":
+        norm = FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
+        body = resnet_fpn_backbone(backbone_name="resnet18", weights=weights, norm_layer=norm,
+                                   trainable_layers=trainable_layers)
+        return FasterRCNN(body, num_classes + 1, **kw)
+    build = {"resnet50_fpn": fasterrcnn_resnet50_fpn,
+             "resnet50_fpn_v2": fasterrcnn_resnet50_fpn_v2,
+             "mobilenet_v3_large_fpn": fasterrcnn_mobilenet_v3_large_fpn}[backbone]
+    if backbone == "mobilenet_v3_large_fpn":
+        trainable_layers = min(trainable_layers, 6)
+    return build(weights=None, weights_backbone=weights, num_classes=num_classes + 1,
+                 trainable_backbone_layers=trainable_layers, **kw)
+
+
+def _fetch_weights(backbone: str, weights) -> None:
+    """Put ``weights`` in torch's hub cache (download with a timeout) or raise clearly."""
+    file_name = os.path.basename(urlparse(weights.url).path)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / file_name
+    try:
+        with _socket_timeout(_DOWNLOAD_TIMEOUT_S):
+            weights.get_state_dict(progress=False, check_hash=True)
+    except OSError as err:  # URLError, HTTPError, socket timeouts, unreachable network
+        raise PretrainedWeightsUnavailableError(
+            f"pretrained ImageNet weights for Faster R-CNN backbone {backbone!r} ({weights!r}) "
+            f"are not available: no cached file at {cached} and the download from "
+            f"{weights.url} failed ({err}). Set `pretrained: false` in the model config to "
+            f"train from scratch, or point TORCH_HOME at a directory whose hub/checkpoints/ "
+            f"holds {file_name}.") from err
+
+
+def _small_faster_rcnn(num_classes: int, **kw) -> FasterRCNN:
+    """The CPU-sized from-scratch model (see the module doc); ``num_classes`` counts the
+    background."""
+    body = SmallBackbone()
+    anchors = AnchorGenerator(sizes=((16, 32, 64, 128),), aspect_ratios=((0.5, 1.0, 2.0),))
+    # FasterRCNN accepts only MultiScaleRoIAlign here; the RoI pooling is swapped in after.
+    pool = MultiScaleRoIAlign(featmap_names=["0"], output_size=7, sampling_ratio=2)
+    head = TwoMLPHead(body.out_channels * 7 * 7, 256)
+    model = FasterRCNN(_SingleLevel(body), num_classes=None, rpn_anchor_generator=anchors,
+                       box_roi_pool=pool, box_head=head,
+                       box_predictor=FastRCNNPredictor(256, num_classes), **kw)
+    model.roi_heads.box_roi_pool = SingleLevelRoIPool(7, 1.0 / body.stride)
+    return model
+
+
+class _SingleLevel(nn.Module):
+    """A backbone ``(B, 3, H, W) -> (B, C, h, w)`` as torchvision's one-level feature dict
+    ``{"0": features}``, with the ``out_channels`` attribute ``FasterRCNN`` needs."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+        self.out_channels = body.out_channels
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"0": self.body(x)}
+
+
+class SingleLevelRoIPool(nn.Module):
+    """RoI max pooling on the one feature level ``"0"``, with ``MultiScaleRoIAlign``'s call
+    signature: ``(features {"0": (B, C, h, w)}, boxes [(R_b, 4)], image_shapes) ->
+    (sum R_b, C, output_size, output_size)``, boxes in input pixels (``spatial_scale`` maps
+    them to the feature map)."""
+
+    def __init__(self, output_size: int, spatial_scale: float):
+        super().__init__()
+        self.output_size = int(output_size)
+        self.spatial_scale = float(spatial_scale)
+
+    def forward(self, features: dict[str, torch.Tensor], boxes: list[torch.Tensor],
+                image_shapes: list[tuple[int, int]]) -> torch.Tensor:
+        return roi_pool(features["0"], boxes, self.output_size, self.spatial_scale)
