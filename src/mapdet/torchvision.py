@@ -23,7 +23,8 @@ same ``state_dict`` keys for the weights) so that in **training mode** its forwa
    ``fg_bg_sampler``, normalised by ``batch_size_per_image * B`` as ``fastrcnn_loss`` is
    when the sample is full.
 
-The loss dict is ``{"loss_map", "loss_box_reg"}`` (``loss_map`` in place of
+The model's ``state_dict`` is unchanged (the loss is not registered as a submodule). The loss
+dict is ``{"loss_map", "loss_box_reg"}`` (``loss_map`` in place of
 ``loss_classifier``; the RPN's losses are untouched), so a loop that sums the dict works as
 it is. In **eval mode** the forward is torchvision's own, bit for bit.
 
@@ -105,7 +106,10 @@ def use_map_loss(model: torch.nn.Module, *, max_proposals: int | None = None,
         base = type(heads)
         heads.__class__ = (MAPRoIHeads if base is RoIHeads else
                            type(f"MAP{base.__name__}", (MAPRoIHeads, base), {}))
-    heads.map_loss = loss
+    # Not a submodule: the model's state_dict stays torchvision's, key for key, so weights
+    # move freely between the plain and the wrapped model. The AP memory (memory=K > 0) is
+    # saved with ``model.roi_heads.map_loss.state_dict()``.
+    object.__setattr__(heads, "map_loss", loss)
     heads.max_proposals = None if max_proposals is None else int(max_proposals)
     heads.map_weight = float(map_weight)
     heads.last_capped_images = 0
@@ -147,8 +151,9 @@ class MAPRoIHeads(RoIHeads):
     """torchvision's ``RoIHeads`` trained with :class:`mapdet.MAPLoss` (see the module doc).
 
     Made by :func:`use_map_loss` by re-classing an existing ``RoIHeads``; not built directly.
-    Attributes added: ``map_loss`` (the :class:`MAPLoss`, a submodule: its AP memory travels
-    in ``state_dict``), ``max_proposals``, ``map_weight``, ``last_capped_images``.
+    Attributes added: ``map_loss`` (the :class:`MAPLoss`; not a submodule, so the model's
+    ``state_dict`` keeps torchvision's keys: save ``map_loss.state_dict()`` for its AP
+    memory), ``max_proposals``, ``map_weight``, ``last_capped_images``.
     """
 
     map_loss: MAPLoss
