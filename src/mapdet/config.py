@@ -122,19 +122,32 @@ class ProposalConfig:
 
 @dataclass
 class ModelConfig:
-    """The Fast R-CNN network (see :class:`mapdet.models.FastRCNN`).
+    """The detector.
 
-    ``backbone``: ``vgg16`` | ``resnet50_c4`` | ``small``. ``fc_dim``: width of the fully
-    connected head (null: the backbone's default, 4096 for VGG16, 256 for ``small``).
-    ``freeze_at``: leading backbone stages kept frozen (null: 2 when pretrained, else 0).
+    ``arch: fast_rcnn`` (default): the project's Fast R-CNN on proposals (see
+    :class:`mapdet.models.FastRCNN`); ``backbone``: ``vgg16`` | ``resnet50_c4`` | ``small``.
+    ``fc_dim``: width of the fully connected head (null: the backbone's default, 4096 for
+    VGG16, 256 for ``small``). ``freeze_at``: leading backbone stages kept frozen (null: 2 when
+    pretrained, else 0).
+
+    ``arch: faster_rcnn``: torchvision's Faster R-CNN (its own RPN: no Selective Search, the
+    ``proposals`` section is unused), see :func:`mapdet.models.faster_rcnn.build_faster_rcnn`;
+    ``backbone``: ``resnet50_fpn`` | ``resnet50_fpn_v2`` | ``mobilenet_v3_large_fpn`` |
+    ``resnet18_fpn`` | ``small``. Its test-time post-processing is ``eval``'s, its RoI
+    sampling ``train``'s (``rois_per_image``, ``fg_fraction``, ``fg_iou``, ``bg_iou_high``);
+    ``faster_rcnn`` passes any other torchvision ``FasterRCNN`` keyword (e.g.
+    ``rpn_post_nms_top_n_train``). ``roi_op``, ``fc_dim``, ``dropout``, ``freeze_at`` are Fast
+    R-CNN's only.
     """
 
+    arch: Literal["fast_rcnn", "faster_rcnn"] = "fast_rcnn"
     backbone: str = "vgg16"
     roi_op: Literal["pool", "align"] = "pool"
     pretrained: bool = True
     fc_dim: int | None = None
     dropout: float = 0.5
     freeze_at: int | None = None
+    faster_rcnn: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

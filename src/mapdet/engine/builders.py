@@ -10,7 +10,8 @@ component           built by                                    from
 ==================  ==========================================  ===========================
 data set            :func:`build_dataset`                       ``data``
 proposals           :func:`build_proposals`                     ``proposals``
-model               :func:`build_model`                         ``model``
+model               :func:`build_model`                         ``model`` (+ ``eval``, ``train``
+                                                                for ``arch: faster_rcnn``)
 mAP loss            :func:`build_criterion`                     ``loss``
 device, threads     :func:`resolve_device`, :func:`set_threads`  ``train.device/threads``
 ==================  ==========================================  ===========================
@@ -31,8 +32,10 @@ import torch
 from mapdet.config import Config, ConfigError
 
 __all__ = [
+    "NoProposals",
     "build_criterion",
     "build_dataset",
+    "build_faster_rcnn_model",
     "build_model",
     "build_proposals",
     "resolve_device",
@@ -109,7 +112,12 @@ def build_proposals(cfg: Config, dataset, split: str = "train", *, progress: boo
     Then ``proposals.max_per_image`` (> 0) keeps the first that many of each image: the one
     place where that cap is applied, so that the cache holds every box and a new cap reuses
     it.
+
+    ``model.arch: faster_rcnn`` has its own RPN: :class:`NoProposals` (every image: ``(0, 4)``),
+    nothing is computed.
     """
+    if cfg.model.arch == "faster_rcnn":
+        return NoProposals()
     from mapdet.data.proposals import load_or_compute_proposals
 
     p = cfg.proposals
@@ -133,12 +141,22 @@ def build_proposals(cfg: Config, dataset, split: str = "train", *, progress: boo
     return props
 
 
+class NoProposals(dict):
+    """The proposals of a detector with its own RPN: every image id maps to ``(0, 4)``."""
+
+    def __missing__(self, key: str) -> np.ndarray:
+        return np.zeros((0, 4), np.float32)
+
+
 def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
-    """The :class:`~mapdet.models.fast_rcnn.FastRCNN` of ``cfg.model`` with ``num_classes``
-    foreground classes."""
+    """The detector of ``cfg.model`` with ``num_classes`` foreground classes: the
+    :class:`~mapdet.models.fast_rcnn.FastRCNN`, or for ``arch: faster_rcnn`` a torchvision
+    ``FasterRCNN`` (:func:`build_faster_rcnn_model`)."""
     from mapdet.models.fast_rcnn import FastRCNN
 
     m = cfg.model
+    if m.arch == "faster_rcnn":
+        return build_faster_rcnn_model(cfg, num_classes)
     try:
         return FastRCNN(m.backbone, num_classes, roi_op=m.roi_op, pretrained=m.pretrained,
                         fc_dim=m.fc_dim, dropout=m.dropout, freeze_at=m.freeze_at)
@@ -146,18 +164,82 @@ def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
         raise ConfigError(f"model: {exc}") from None
 
 
-def build_criterion(cfg: Config, *, distributed: bool = False):
+def build_faster_rcnn_model(cfg: Config, num_classes: int) -> torch.nn.Module:
+    """torchvision's ``FasterRCNN`` for ``model.arch: faster_rcnn``.
+
+    Backbone and ``pretrained`` from ``model``; images arrive normalised and resized by
+    mapdet's data pipeline, so the model's transform has mean 0, std 1 and sizes
+    ``data.scale``/``data.max_size`` (a no-op resize). Test-time post-processing from
+    ``eval`` (``score_threshold``, ``nms_iou``, ``max_per_image``; 0: no cap); the softmax
+    loss's RoI sample from ``train`` (``rois_per_image``, ``fg_fraction``, ``fg_iou``,
+    ``bg_iou_high``); then ``model.faster_rcnn`` (any ``FasterRCNN`` keyword) on top.
+    """
+    from mapdet.models.faster_rcnn import build_faster_rcnn
+
+    m, e, t = cfg.model, cfg.eval, cfg.train
+    if m.freeze_at is not None:
+        raise ConfigError("model.freeze_at: Fast R-CNN only; for arch faster_rcnn use "
+                          "model.faster_rcnn.trainable_layers")
+    kwargs = dict(
+        box_score_thresh=e.score_threshold, box_nms_thresh=e.nms_iou,
+        box_detections_per_img=e.max_per_image or 10**9,
+        box_batch_size_per_image=t.rois_per_image, box_positive_fraction=t.fg_fraction,
+        box_fg_iou_thresh=t.fg_iou, box_bg_iou_thresh=t.bg_iou_high,
+    )
+    kwargs.update(m.faster_rcnn)
+    try:
+        return build_faster_rcnn(m.backbone, num_classes, pretrained=m.pretrained,
+                                 min_size=cfg.data.scale, max_size=cfg.data.max_size,
+                                 image_mean=(0.0, 0.0, 0.0), image_std=(1.0, 1.0, 1.0),
+                                 **kwargs)
+    except (ValueError, TypeError) as exc:  # TypeError: an unknown model.faster_rcnn keyword
+        raise ConfigError(f"model: {exc}") from None
+
+
+def build_criterion(cfg: Config, *, distributed: bool = False, model=None):
     """The :class:`mapdet.MAPLoss` of ``cfg.loss`` for ``train.loss: map`` (``None`` for the
-    softmax loss, which has no options beyond ``train``)."""
+    softmax loss, which has no options beyond ``train``).
+
+    ``model.arch: faster_rcnn``: the loss goes inside ``model``'s RoI heads
+    (:func:`mapdet.torchvision.use_map_loss`, ``loss.max_rois_per_image``,
+    ``loss.map_loss_weight``) and uses the model's post-processing, i.e. ``eval``'s:
+    ``loss.score_threshold``/``nms_iou`` that differ from ``eval``'s are an error naming both.
+    The returned loss is the one inside the heads (its AP memory goes into checkpoints).
+    """
     if cfg.train.loss != "map":
         return None
     from mapdet import MAPLoss
 
     lc = cfg.loss
+    if cfg.model.arch == "faster_rcnn":
+        return _faster_rcnn_criterion(cfg, distributed, model)
     return MAPLoss(score_threshold=lc.score_threshold, nms_iou=lc.nms_iou,
                    match_iou=lc.match_iou, ap_method=lc.ap_method, min_step=lc.min_step,
                    form=lc.form, memory=lc.memory, distributed=distributed,
                    num_threads=lc.num_threads or None)
+
+
+def _faster_rcnn_criterion(cfg: Config, distributed: bool, model):
+    from mapdet.torchvision import use_map_loss
+
+    lc, e = cfg.loss, cfg.eval
+    if model is None:
+        raise ValueError("build_criterion: model.arch faster_rcnn needs the model")
+    for key in ("score_threshold", "nms_iou"):
+        if getattr(lc, key) != getattr(e, key):
+            raise ConfigError(
+                f"loss.{key}={getattr(lc, key)} differs from eval.{key}={getattr(e, key)}: "
+                f"with model.arch faster_rcnn the mAP loss uses the model's test-time "
+                f"post-processing (eval.*); set them equal")
+    if lc.box_loss_weight != 1.0:
+        raise ConfigError("loss.box_loss_weight: Fast R-CNN only (arch faster_rcnn keeps "
+                          "torchvision's box loss, loss_box_reg)")
+    use_map_loss(model, max_proposals=lc.max_rois_per_image or None,
+                 map_weight=lc.map_loss_weight, match_iou=lc.match_iou,
+                 ap_method=lc.ap_method, min_step=lc.min_step, form=lc.form,
+                 memory=lc.memory, distributed=distributed,
+                 num_threads=lc.num_threads or None)
+    return model.roi_heads.map_loss
 
 
 def resolve_device(device: str) -> torch.device:

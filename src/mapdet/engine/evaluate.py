@@ -73,16 +73,23 @@ def detect_batch(model: torch.nn.Module, batch: Batch, cfg: Config) -> list[dict
 
     e = cfg.eval
     device = batch.images.device
-    rois = [s.proposals.to(device) for s in batch.samples]
-    logits, deltas = model(batch.images, rois)
-    probs = F.softmax(logits, dim=1)
-    out, start = [], 0
-    for s, r in zip(batch.samples, rois, strict=True):
-        n = r.shape[0]
-        det = detect(probs[start:start + n], deltas[start:start + n], r, s.size,
-                     score_threshold=e.score_threshold, nms_iou=e.nms_iou,
-                     max_per_image=e.max_per_image or None)
-        start += n
+    if cfg.model.arch == "faster_rcnn":  # the model post-processes itself (eval.* in it)
+        from mapdet.engine.faster_rcnn import faster_rcnn_detect
+
+        dets = faster_rcnn_detect(model, batch)
+    else:
+        rois = [s.proposals.to(device) for s in batch.samples]
+        logits, deltas = model(batch.images, rois)
+        probs = F.softmax(logits, dim=1)
+        dets, start = [], 0
+        for s, r in zip(batch.samples, rois, strict=True):
+            n = r.shape[0]
+            dets.append(detect(probs[start:start + n], deltas[start:start + n], r, s.size,
+                               score_threshold=e.score_threshold, nms_iou=e.nms_iou,
+                               max_per_image=e.max_per_image or None))
+            start += n
+    out = []
+    for s, det in zip(batch.samples, dets, strict=True):
         boxes = det["boxes"].float().cpu().numpy() / np.float32(s.scale)
         h0, w0 = s.orig_size
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, w0)

@@ -48,6 +48,7 @@ from mapdet.engine.builders import (
 )
 from mapdet.engine.data_loading import make_train_loader
 from mapdet.engine.distributed import DistEnv, RankOrder, barrier, init_distributed
+from mapdet.engine.faster_rcnn import faster_rcnn_loss
 from mapdet.engine.logger import MetricsLogger, add_file_handler
 from mapdet.engine.run_dir import RESUME_FREE_KEYS, RunDirectory, resume_differences
 from mapdet.engine.schedule import DataOrder
@@ -313,7 +314,8 @@ def _train(cfg: Config, run_dir: Path, resume_state, callbacks, progress: bool) 
     scheduler = build_scheduler(optimizer, cfg)
     order = DataOrder(len(dataset), t.images_per_batch * env.world_size, t.seed, cfg.data.flip)
     rank_order = RankOrder(order, env.rank, env.world_size)
-    criterion = build_criterion(cfg, distributed=env.distributed)
+    criterion = build_criterion(cfg, distributed=env.distributed, model=model)
+    faster = cfg.model.arch == "faster_rcnn"
 
     ckpt_dir = run_dir / "checkpoints"
     start = 0
@@ -352,7 +354,9 @@ def _train(cfg: Config, run_dir: Path, resume_state, callbacks, progress: bool) 
         for it, batch in zip(range(start, t.iterations), loader, strict=False):
             t0 = time.perf_counter()
             gens = [_generator(t.seed, it, slot) for slot in rank_order.slots()]
-            if criterion is None:
+            if faster:  # the model computes its own loss (its RoI heads hold the MAPLoss)
+                loss, stats = faster_rcnn_loss(train_model, batch)
+            elif criterion is None:
                 loss, stats = softmax_loss(train_model, batch, cfg, gens)
             else:
                 loss, stats = map_loss(train_model, batch, cfg, criterion, gens)
