@@ -23,6 +23,8 @@ pipeline pass ``image_mean=(0, 0, 0)``, ``image_std=(1, 1, 1)``.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -101,6 +103,7 @@ def build_faster_rcnn(
                          f"{list(FASTER_RCNN_BACKBONES)}")
     if int(num_classes) < 1:
         raise ValueError(f"num_classes must be >= 1 foreground classes, got {num_classes}")
+    _check_detector_kwargs(detector_kwargs)
     kw = dict(detector_kwargs, min_size=min_size, max_size=max_size)
     if image_mean is not None:
         kw["image_mean"] = list(image_mean)
@@ -130,6 +133,19 @@ def build_faster_rcnn(
         trainable_layers = min(trainable_layers, 6)
     return build(weights=None, weights_backbone=weights, num_classes=num_classes + 1,
                  trainable_backbone_layers=trainable_layers, **kw)
+
+
+def _check_detector_kwargs(kwargs: dict) -> None:
+    """``FasterRCNN`` swallows unknown keywords (``**kwargs``): name them here instead."""
+    valid = [n for n, p in inspect.signature(FasterRCNN.__init__).parameters.items()
+             if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD]
+    valid = sorted(set(valid) - {"self", "backbone", "num_classes", "min_size", "max_size",
+                                 "image_mean", "image_std"})
+    for key in kwargs:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown FasterRCNN option {key!r}{hint}; valid: {valid}")
 
 
 def _fetch_weights(backbone: str, weights) -> None:
