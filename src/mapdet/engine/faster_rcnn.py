@@ -15,10 +15,12 @@ and leaves them out of its box regression.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
 from mapdet.engine.data_loading import Batch
+from mapdet.models.faster_rcnn import set_sampling_generators
 
 __all__ = ["faster_rcnn_detect", "faster_rcnn_loss", "faster_rcnn_targets"]
 
@@ -36,10 +38,20 @@ def _images(batch: Batch) -> list[torch.Tensor]:
     return [batch.images[i, :, : s.size[0], : s.size[1]] for i, s in enumerate(batch.samples)]
 
 
-def faster_rcnn_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+def faster_rcnn_loss(model: torch.nn.Module, batch: Batch,
+                     generators: Sequence[torch.Generator] | None = None
+                     ) -> tuple[torch.Tensor, dict[str, float]]:
     """The sum of the model's loss dict, and the logged statistics (each loss, and for the
-    mAP loss the minibatch's mAP and the images where ``detections_per_img`` bound)."""
-    losses = model(_images(batch), faster_rcnn_targets(batch))
+    mAP loss the minibatch's mAP and the images where ``detections_per_img`` bound).
+
+    ``generators[b]`` draws image ``b``'s anchor and RoI samples
+    (:func:`mapdet.models.faster_rcnn.set_sampling_generators`), so that the sample of an
+    image does not depend on the other images of the minibatch or on the process."""
+    set_sampling_generators(model, list(generators) if generators is not None else None)
+    try:
+        losses = model(_images(batch), faster_rcnn_targets(batch))
+    finally:
+        set_sampling_generators(model, None)
     loss = sum(losses.values())
     stats = {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}}
     heads = getattr(model, "module", model).roi_heads

@@ -355,7 +355,7 @@ def _train(cfg: Config, run_dir: Path, resume_state, callbacks, progress: bool) 
             t0 = time.perf_counter()
             gens = [_generator(t.seed, it, slot) for slot in rank_order.slots()]
             if faster:  # the model computes its own loss (its RoI heads hold the MAPLoss)
-                loss, stats = faster_rcnn_loss(train_model, batch)
+                loss, stats = faster_rcnn_loss(train_model, batch, gens)
             elif criterion is None:
                 loss, stats = softmax_loss(train_model, batch, cfg, gens)
             else:

@@ -13,6 +13,12 @@ classes (background at 0, as torchvision counts them) on one of :data:`FASTER_RC
   see ``benchmarks/bench_faster_rcnn.py``), a 256-wide two-layer head: a from-scratch model
   small enough for CPU training on the digits benchmark.
 
+The RPN's and the RoI heads' samplers are :class:`SeededSampler`: with
+:func:`set_sampling_generators` each image draws its anchor and RoI sample from its own
+generator (as the pipeline's Fast R-CNN does), so a minibatch split over DDP ranks samples
+what one process with the whole minibatch samples; without generators they draw from the
+global RNG, as torchvision's.
+
 Pretrained weights offline raise :class:`~mapdet.models.backbones.PretrainedWeightsUnavailableError`
 (naming the weights and the cache file) within 30 s instead of hanging.
 
@@ -39,6 +45,7 @@ from torchvision.models.detection import (
     fasterrcnn_resnet50_fpn,
     fasterrcnn_resnet50_fpn_v2,
 )
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
@@ -50,7 +57,13 @@ from mapdet.models.backbones import (
     _socket_timeout,
 )
 
-__all__ = ["FASTER_RCNN_BACKBONES", "SingleLevelRoIPool", "build_faster_rcnn"]
+__all__ = [
+    "FASTER_RCNN_BACKBONES",
+    "SeededSampler",
+    "SingleLevelRoIPool",
+    "build_faster_rcnn",
+    "set_sampling_generators",
+]
 
 FASTER_RCNN_BACKBONES = (
     "resnet50_fpn", "resnet50_fpn_v2", "mobilenet_v3_large_fpn", "resnet18_fpn", "small",
@@ -109,6 +122,15 @@ def build_faster_rcnn(
         kw["image_mean"] = list(image_mean)
     if image_std is not None:
         kw["image_std"] = list(image_std)
+    model = _build(backbone, num_classes, pretrained, trainable_layers, kw)
+    for owner in (model.rpn, model.roi_heads):
+        old = owner.fg_bg_sampler
+        owner.fg_bg_sampler = SeededSampler(old.batch_size_per_image, old.positive_fraction)
+    return model
+
+
+def _build(backbone: str, num_classes: int, pretrained: bool, trainable_layers: int | None,
+           kw: dict) -> FasterRCNN:
     if backbone == "small":
         if pretrained:
             raise ValueError("no pretrained weights for Faster R-CNN backbone 'small'; "
@@ -206,3 +228,46 @@ class SingleLevelRoIPool(nn.Module):
     def forward(self, features: dict[str, torch.Tensor], boxes: list[torch.Tensor],
                 image_shapes: list[tuple[int, int]]) -> torch.Tensor:
         return roi_pool(features["0"], boxes, self.output_size, self.spatial_scale)
+
+
+class SeededSampler(BalancedPositiveNegativeSampler):
+    """torchvision's positive/negative sampler; image ``b`` draws from ``generators[b]`` when
+    :attr:`generators` is set (CPU ``torch.Generator`` s), else from the global RNG.
+
+    ``__call__(matched_idxs [(A_b,)]) -> (pos_masks, neg_masks)``, uint8 masks as torchvision's:
+    up to ``batch_size_per_image * positive_fraction`` positives (``>= 1``), the rest
+    negatives (``== 0``), uniformly without replacement."""
+
+    generators: list[torch.Generator] | None = None
+
+    def __call__(self, matched_idxs: list[torch.Tensor]):
+        gens = self.generators
+        if gens is None:
+            return super().__call__(matched_idxs)
+        if len(gens) != len(matched_idxs):
+            raise ValueError(f"SeededSampler: {len(gens)} generators for "
+                             f"{len(matched_idxs)} images")
+        pos_masks, neg_masks = [], []
+        for m, g in zip(matched_idxs, gens, strict=True):
+            positive = torch.where(m >= 1)[0]
+            negative = torch.where(m == 0)[0]
+            num_pos = min(positive.numel(), int(self.batch_size_per_image * self.positive_fraction))
+            num_neg = min(negative.numel(), self.batch_size_per_image - num_pos)
+            pos = positive[torch.randperm(positive.numel(), generator=g)[:num_pos].to(m.device)]
+            neg = negative[torch.randperm(negative.numel(), generator=g)[:num_neg].to(m.device)]
+            pm = torch.zeros_like(m, dtype=torch.uint8)
+            nm = torch.zeros_like(m, dtype=torch.uint8)
+            pm[pos] = 1
+            nm[neg] = 1
+            pos_masks.append(pm)
+            neg_masks.append(nm)
+        return pos_masks, neg_masks
+
+
+def set_sampling_generators(model: nn.Module, generators: list[torch.Generator] | None) -> None:
+    """Give the next forward's images their own sampling generators (``None``: global RNG).
+    The RPN draws first, then the RoI heads, from the same per-image generator."""
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    for owner in (model.rpn, model.roi_heads):
+        if isinstance(owner.fg_bg_sampler, SeededSampler):
+            owner.fg_bg_sampler.generators = generators
