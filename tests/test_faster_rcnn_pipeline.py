@@ -111,3 +111,52 @@ def test_bad_faster_rcnn_options_are_named(tiny):
         build_model(load_config(CONFIG, [*tiny, "model.faster_rcnn={rpn_top_n: 3}"]), 3)
     with pytest.raises(ConfigError, match="model.freeze_at"):
         build_model(load_config(CONFIG, [*tiny, "model.freeze_at=1"]), 3)
+
+
+# ------------------------------------------------------------------------------- DDP
+
+
+def _ddp_overrides(root: Path, loss: str, images_per_batch: int) -> list[str]:
+    return [
+        f"data.root={root / 'digits'}",
+        "data.digits={num_train: 8, num_test: 2, image_size: 64, seed: 3}",
+        "data.scale=64", "data.max_size=64", "data.flip=true",
+        "model.faster_rcnn={rpn_pre_nms_top_n_train: 200, rpn_post_nms_top_n_train: 40}",
+        "train.rois_per_image=16", f"train.loss={loss}", "train.iterations=3",
+        "train.checkpoint_every=0", "train.log_every=1", "train.threads=1", "train.lr=0.005",
+        "train.warmup_iterations=0", f"train.images_per_batch={images_per_batch}",
+        "output.tensorboard=false",
+    ]
+
+
+def _ddp_rank(rank: int, world: int, port: int, root: str, loss: str) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cfg = load_config(CONFIG, _ddp_overrides(Path(root), loss, 1))
+    result = train(cfg, out=Path(root) / f"ddp_{loss}", progress=False)
+    state = ckpt.load_checkpoint(result.checkpoint)
+    torch.save(state["model"], Path(root) / f"ddp_{loss}_rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("loss", ["softmax", "map"])
+def test_ddp_two_ranks_match_the_single_process(tmp_path, loss):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    single = train(load_config(CONFIG, _ddp_overrides(tmp_path, loss, 2)),
+                   out=tmp_path / "single", progress=False)
+    expected = ckpt.load_checkpoint(single.checkpoint)["model"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_ddp_rank, args=(2, port, str(tmp_path), loss), nprocs=2,
+                       start_method="spawn")
+    ranks = [torch.load(tmp_path / f"ddp_{loss}_rank{r}.pt") for r in range(2)]
+    for name, value in expected.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        # float32 sums in another order (DDP's all-reduce vs one backward): rounding only.
+        torch.testing.assert_close(ranks[0][name], value, rtol=0, atol=1e-5, msg=name)
