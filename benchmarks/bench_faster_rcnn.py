@@ -88,22 +88,26 @@ def _batches(cfg, n_batches: int, proposals=None):
     return [collate([loader[(i * b + j, False)] for j in range(b)]) for i in range(n_batches)]
 
 
-def _iterations(step, model, batches, repeats: int, timers: Timers) -> list[dict[str, float]]:
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-9,
-                          momentum=0.9)
-    rows = []
+def _iterations(soft, mapm, batches, repeats: int, timers: Timers):
+    """``(softmax rows, mAP rows)``: ``soft``/``mapm`` are ``(step, model)``; the two
+    iterations alternate on the same minibatch, so that a change in the machine's load hits
+    both alike."""
+    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-9,
+                            momentum=0.9) for _, m in (soft, mapm)]
+    rows: tuple[list, list] = ([], [])
     for i in range(repeats + 1):
         batch = batches[i % len(batches)]
-        timers.t.clear()
-        t0 = time.perf_counter()
-        loss = step(model, batch)
-        opt.zero_grad(set_to_none=True)
-        with timers.time("backward"):
-            loss.backward()
-        opt.step()
-        total = time.perf_counter() - t0
-        if i > 0:  # the first one is the warm-up (numba compilation, allocations)
-            rows.append({"total": total, **timers.t})
+        for k, ((step, model), opt) in enumerate(zip((soft, mapm), opts, strict=True)):
+            timers.t.clear()
+            t0 = time.perf_counter()
+            loss = step(model, batch)
+            opt.zero_grad(set_to_none=True)
+            with timers.time("backward"):
+                loss.backward()
+            opt.step()
+            total = time.perf_counter() - t0
+            if i > 0:  # the first round is the warm-up (numba compilation, allocations)
+                rows[k].append({"total": total, **timers.t})
     return rows
 
 
@@ -149,8 +153,8 @@ def bench_faster(args, timers: Timers, data_root: Path) -> list[str]:
         def step(model, batch):
             return faster_rcnn_loss(model, batch)[0]
 
-        soft_rows = _iterations(step, soft, batches, args.repeats, timers)
-        map_rows = _iterations(step, mapm, batches, args.repeats, timers)
+        soft_rows, map_rows = _iterations((step, soft), (step, mapm), batches, args.repeats,
+                                          timers)
         lines.append(_report("Faster R-CNN (torchvision)", soft_rows, map_rows,
                              f"{n} proposals/img vs {cfg.train.rois_per_image} sampled"))
     return lines
@@ -169,17 +173,18 @@ def bench_fast(args, timers: Timers, data_root: Path, cache: Path) -> list[str]:
     if args.checkpoint_fast:
         ckpt.load_model_state(model, ckpt.load_checkpoint(args.checkpoint_fast))
     model.train()
-    timers.wrap_forward(model.roi_head, "head")
-    timers.wrap_forward(model.cls_score, "head")
-    timers.wrap_forward(model.bbox_pred, "head")
+    model_map = copy.deepcopy(model)  # before the timers wrap the forwards
+    for m in (model, model_map):
+        for mod in (m.roi_head, m.cls_score, m.bbox_pred):
+            timers.wrap_forward(mod, "head")
     gens = [torch.Generator().manual_seed(i) for i in range(cfg.train.images_per_batch)]
     cfg.train.loss = "map"
     criterion = build_criterion(cfg)
     criterion.num_threads = 1
-    soft_rows = _iterations(lambda m, b: softmax_loss(m, b, cfg, gens)[0], model, batches,
-                            args.repeats, timers)
-    map_rows = _iterations(lambda m, b: map_loss(m, b, cfg, criterion, gens)[0], model,
-                           batches, args.repeats, timers)
+    soft_rows, map_rows = _iterations(
+        (lambda m, b: softmax_loss(m, b, cfg, gens)[0], model),
+        (lambda m, b: map_loss(m, b, cfg, criterion, gens)[0], model_map),
+        batches, args.repeats, timers)
     return [_report("Fast R-CNN (mapdet)", soft_rows, map_rows,
                     f"{per_img:.0f} SS proposals/img vs {cfg.train.rois_per_image} sampled")]
 

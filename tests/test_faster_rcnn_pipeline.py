@@ -50,8 +50,8 @@ def test_cli_train_softmax_then_map_eval_detect_resume(tmp_path, tiny, capsys):
     assert "loss_map" in logged and "loss_classifier" not in logged and "mAP" in logged
 
     # Resume extends the mAP run by one iteration.
-    assert main(["train", cfg, "train.iterations=3", "--out", str(run), "--resume",
-                 "--no-progress"]) == 0
+    assert main(["train", str(run / "config.yaml"), "train.iterations=3", "--out", str(run),
+                 "--resume", "--no-progress"]) == 0
     assert ckpt.find_last_checkpoint(run).name == "iter_0000003.pt"
 
     assert main(["eval", "--checkpoint", str(run), "--out", str(tmp_path / "ev"),
