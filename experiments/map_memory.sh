@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # AP memory ablation on the digits benchmark: mAP fine-tuning of one softmax baseline with
-# loss.memory=0 and loss.memory=20, same learning rate (1e-5) and iterations (150).
+# loss.memory=0 and loss.memory=20, same learning rate (1e-5, with the unnormalised gradient,
+# as when it was measured) and iterations (150).
 # Usage: bash experiments/map_memory.sh [OUT_DIR]     (about 5 minutes on 2 CPU cores)
 set -euo pipefail
 OUT=${1:-runs/map_memory}
@@ -11,8 +12,8 @@ BASE=$OUT/baseline/checkpoints/iter_0001500.pt
 mapdet eval configs/digits.yaml "${COMMON[@]}" --checkpoint "$OUT/baseline" --out "$OUT/baseline/eval"
 for MEMORY in 0 20; do
     mapdet train configs/digits.yaml "${COMMON[@]}" train.loss=map train.init_from="$BASE" \
-        train.iterations=150 "train.lr_steps=[100000]" train.warmup_iterations=0 train.lr=0.00001 \
-        loss.memory=$MEMORY --out "$OUT/map_memory$MEMORY"
+        train.iterations=150 "train.lr_steps=[100000]" train.warmup_iterations=0 loss.lr=0.00001 \
+        loss.normalization=none loss.memory=$MEMORY --out "$OUT/map_memory$MEMORY"
     mapdet eval configs/digits.yaml "${COMMON[@]}" --checkpoint "$OUT/map_memory$MEMORY" \
         --out "$OUT/map_memory$MEMORY/eval"
 done

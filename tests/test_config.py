@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from mapdet.config import Config, ConfigError, apply_overrides, config_from_dict, load_config
+from mapdet.config import (
+    MAP_STAGE_LR,
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -34,7 +41,7 @@ def test_paper_settings():
     assert s.train.images_per_batch * s.train.rois_per_image == 128
     m = load_config(CONFIGS / "voc07_vgg16_map.yaml")
     assert m.train.loss == "map" and m.train.init_from
-    assert m.train.lr < s.train.lr
+    assert m.stage_lr() == MAP_STAGE_LR and m.loss.normalization == "l1"
     assert m.loss.max_rois_per_image == 0  # all proposals
 
 
@@ -179,3 +186,29 @@ def test_custom_classes():
         load_config(None, ["data.kind=voc", "data.classes=[a, b, a]"])
     with pytest.raises(ConfigError, match=r"data\.classes: only used with data\.kind: voc"):
         load_config(None, ["data.kind=digits", "data.classes=[a]"])
+@pytest.mark.parametrize("softmax_lr", [0.001, 0.02, 0.5])
+def test_map_stage_recipe_does_not_depend_on_the_softmax_lr(softmax_lr):
+    """``train.loss=map train.init_from=RUN`` alone gives the recommended mAP stage, whatever
+    the softmax stage's ``train.lr``; ``loss.lr`` is the one key that changes its rate."""
+    import torch
+
+    from mapdet.engine.train import build_optimizer
+
+    cfg = load_config(CONFIGS / "digits.yaml", [f"train.lr={softmax_lr}", "train.loss=map",
+                                                "train.init_from=runs/x"])
+    assert cfg.loss.lr is None and cfg.loss.normalization == "l1"
+    assert cfg.stage_lr() == MAP_STAGE_LR
+    opt = build_optimizer(torch.nn.Sequential(torch.nn.Linear(2, 2)), cfg)
+    assert {g["lr"] for g in opt.param_groups} == {MAP_STAGE_LR,
+                                                    MAP_STAGE_LR * cfg.train.bias_lr_factor}
+    own = load_config(CONFIGS / "digits.yaml", ["train.loss=map", "loss.lr=3e-4"])
+    assert own.stage_lr() == pytest.approx(3e-4)
+    soft = load_config(CONFIGS / "digits.yaml", [f"train.lr={softmax_lr}", "loss.lr=3e-4"])
+    assert soft.stage_lr() == softmax_lr  # loss.lr is the mAP stage's only
+
+
+def test_map_stage_keys_are_checked():
+    with pytest.raises(ConfigError, match="loss.lr: must be >= 0"):
+        load_config(CONFIGS / "digits.yaml", ["loss.lr=-1"])
+    with pytest.raises(ConfigError, match="loss.normalization: must be one of"):
+        load_config(CONFIGS / "digits.yaml", ["loss.normalization=mean"])

@@ -5,11 +5,14 @@ import io
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mapdet import MAPLoss
 from mapdet.core.boxes import box_iou
 from mapdet.core.reference import ap_pseudo_gradient_reference
 from mapdet.core.synthetic import proposal_like_outputs
+from mapdet.loss import NORMALIZATIONS, normalization_scale
 
 
 def _batch(num_images=2, windows=40, classes=3, seed=0):
@@ -54,6 +57,60 @@ def test_backward_is_scaled_reference_pseudo_gradient(form):
         assert loss.item() == pytest.approx(-np.log(m_ap))
         expected = -grads / (defined.sum() * m_ap)
     np.testing.assert_allclose(probs.grad.numpy(), expected, atol=1e-9)
+
+
+def _normalized_reference(grads: np.ndarray, base: float, normalization: str) -> np.ndarray:
+    """The documented rules written out entry by entry (slow, obvious)."""
+    n, k = grads.shape
+    out = np.zeros_like(grads)
+    moved = [i for i in range(n) if any(grads[i, c] != 0 for c in range(k))]
+    l1 = sum(abs(base * grads[i, c]) for i in range(n) for c in range(k))
+    for c in range(k):
+        n_c = sum(1 for i in range(n) if grads[i, c] != 0)
+        for i in range(n):
+            p = base * grads[i, c]
+            if normalization == "none":
+                out[i, c] = p
+            elif normalization == "nonzero":
+                out[i, c] = p / max(len(moved), 1)
+            elif normalization == "per_class":
+                out[i, c] = p / max(n_c, 1)
+            else:
+                out[i, c] = p / l1 if l1 > 0 else 0.0
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 12), k=st.integers(1, 4), base=st.sampled_from([0.0, 0.5, 1.0, 3.0]),
+       normalization=st.sampled_from(NORMALIZATIONS), seed=st.integers(0, 2**31),
+       density=st.sampled_from([0.0, 0.3, 1.0]))
+def test_normalization_scale_matches_the_rules(n, k, base, normalization, seed, density):
+    rng = np.random.default_rng(seed)
+    grads = rng.normal(size=(n, k)) * (rng.uniform(size=(n, k)) < density)
+    grads[rng.uniform(size=(n, k)) < 0.2] = 1e3  # the size of a near-tie partial
+    got = normalization_scale(grads, base, normalization) * grads
+    np.testing.assert_allclose(got, _normalized_reference(grads, base, normalization),
+                               rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+@pytest.mark.parametrize("form", ["one_minus", "neg_log"])
+def test_normalized_backward_is_the_scaled_exact_pseudo_gradient(normalization, form):
+    o, targets = _batch(num_images=3, windows=20, classes=3, seed=7)
+    probs = torch.tensor(np.round(o.probs, 3), requires_grad=True)
+    loss_fn = MAPLoss(form=form, normalization=normalization, min_step=1e-2)
+    loss = loss_fn(probs, torch.tensor(o.boxes), torch.tensor(o.image_ids), targets)
+    loss.backward()
+    aps, grads = _reference_grads(o, score_threshold=0.05, nms_iou=0.3, min_step=1e-2)
+    defined = ~np.isnan(aps)
+    m_ap = aps[defined].mean()
+    assert loss.item() == pytest.approx(1 - m_ap if form == "one_minus" else -np.log(m_ap))
+    base = 1 / defined.sum() if form == "one_minus" else 1 / (defined.sum() * m_ap)
+    expected = -_normalized_reference(grads, base, normalization)
+    assert np.abs(expected).sum() > 0  # the instance moves some windows
+    np.testing.assert_allclose(probs.grad.numpy(), expected, rtol=1e-9, atol=1e-12)
+    if normalization == "l1":
+        assert np.abs(probs.grad.numpy()).sum() == pytest.approx(1.0)
 
 
 def test_gradient_flows_through_softmax_and_raises_map():
@@ -149,6 +206,8 @@ def test_bad_options():
         MAPLoss(form="log")
     with pytest.raises(ValueError, match="min_step"):
         MAPLoss(min_step=0)
+    with pytest.raises(ValueError, match="normalization must be one of"):
+        MAPLoss(normalization="mean")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

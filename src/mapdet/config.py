@@ -36,6 +36,7 @@ __all__ = [
     "OutputConfig",
     "ProposalConfig",
     "TrainConfig",
+    "MAP_STAGE_LR",
     "apply_overrides",
     "config_from_dict",
     "load_config",
@@ -46,6 +47,13 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the key and the problem."""
+
+
+#: The mAP stage's learning rate when ``loss.lr`` is null (the recipe; docs/method.md,
+#: "The recommended mAP stage", and experiments/map_sweep.py, which measured it). It does
+#: not derive from ``train.lr``: with ``loss.normalization: l1`` the gradient has unit L1
+#: norm, so the rate does not depend on the softmax stage's choices.
+MAP_STAGE_LR = 1e-3
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,6 +209,13 @@ class LossConfig:
     rois_per_image`` sampled foreground proposals per image, ``map_loss_weight`` the mAP
     term. ``memory``: detections of that many past minibatches (scores detached) join the AP
     context. ``num_threads``: threads for the per-class AP computation (0: all cores).
+
+    The mAP stage's own recipe (used whenever ``train.loss`` is ``map``):
+    ``normalization`` scales the pseudo-gradient (``none`` | ``nonzero`` | ``per_class`` |
+    ``l1``, see :mod:`mapdet.loss`); ``lr`` is the mAP stage's learning rate, in place of
+    ``train.lr`` (which stays the softmax stage's); null: :data:`MAP_STAGE_LR`. So
+    ``mapdet train CONFIG train.loss=map train.init_from=RUN`` gets the recommended recipe
+    even when the config's softmax stage uses a large ``train.lr``.
     """
 
     score_threshold: float = 0.05
@@ -214,6 +229,8 @@ class LossConfig:
     max_rois_per_image: int = 0
     memory: int = 0
     num_threads: int = 0
+    normalization: Literal["none", "nonzero", "per_class", "l1"] = "l1"
+    lr: float | None = None
 
 
 @dataclass
@@ -226,6 +243,9 @@ class EvalConfig:
     with published numbers) or ``continuous``. ``max_images`` > 0 evaluates only the first
     images. ``coco_metrics``: also run pycocotools (always for ``data.kind: coco``).
     ``num_vis`` images go into ``detections.png``, boxes above ``vis_threshold``.
+    ``train_split_map``: evaluating a checkpoint on the test split (``mapdet train``,
+    ``mapdet eval``) also scores the train split with the same post-processing and adds
+    ``train_split`` to ``metrics.json``: optimisation and generalisation, measured apart.
     """
 
     score_threshold: float = 0.05
@@ -241,6 +261,7 @@ class EvalConfig:
     plots: bool = True
     num_vis: int = 4
     vis_threshold: float = 0.5
+    train_split_map: bool = True
 
 
 @dataclass
@@ -294,6 +315,13 @@ class Config:
         """An independent deep copy."""
         return config_from_dict(self.to_dict())
 
+    def stage_lr(self) -> float:
+        """The base learning rate of this run: ``train.lr`` for the softmax loss; for the mAP
+        loss ``loss.lr``, or :data:`MAP_STAGE_LR` when that is null."""
+        if self.train.loss != "map":
+            return self.train.lr
+        return MAP_STAGE_LR if self.loss.lr is None else self.loss.lr
+
     def validate(self) -> Config:
         """Check cross-field constraints; raises :class:`ConfigError`. Returns ``self``."""
         t, d, lo, p, m, e = (self.train, self.data, self.loss, self.proposals, self.model,
@@ -307,6 +335,8 @@ class Config:
         _positive("data.scale", d.scale)
         _positive("data.max_size", d.max_size)
         _positive("loss.min_step", lo.min_step)
+        if lo.lr is not None:
+            _positive("loss.lr", lo.lr, allow_zero=True)
         for key, val in (("data.num_workers", d.num_workers),
                          ("proposals.max_per_image", p.max_per_image),
                          ("proposals.min_size", p.min_size),

@@ -7,6 +7,21 @@ The gradient handed to autograd for ``probs[i, c]`` is ``-g_ic / |C'|`` with ``g
 exact pseudo-gradient of ``AP_c`` w.r.t. ``probs[i, c]`` (docs/method.md, section 4).
 With ``form="neg_log"`` the loss is ``-log(mAP)`` and the gradient ``-g_ic / (|C'| mAP)``.
 
+The scale of that gradient (docs/method.md, "The scale of the pseudo-gradient"): a
+pseudo-partial is ``delta AP / (delta s + min_step)``, so a window whose score nearly ties
+another's gets up to ``delta AP / min_step`` (1000x ``delta AP`` at ``min_step = 1e-3``), and
+every window can get one. ``normalization`` rescales the gradient (never the loss value, nor
+the direction within one class) in one place, :func:`normalization_scale`:
+
+- ``"none"``: the gradient above, ``P = a G / |C'|`` (``a = 1``, or ``1 / mAP`` for ``neg_log``);
+- ``"nonzero"``: ``P / n``, ``n`` the number of windows with a nonzero partial in some
+  class: the mean over the windows that the loss moves, as cross-entropy averages over RoIs;
+- ``"per_class"``: column ``c`` of ``P`` divided by ``n_c``, the windows with a nonzero
+  partial of ``AP_c``: every class's gradient has the same weight whatever its window count;
+- ``"l1"``: ``P / ||P||_1``: unit L1 norm per minibatch, the size of cross-entropy's
+  gradient w.r.t. the logits averaged over RoIs (between 0 and 2): a learning rate that suits
+  the softmax stage suits this one. A zero gradient stays zero.
+
 Beyond one minibatch (docs/method.md, section 6):
 
 - ``memory=K`` keeps the detections of the last ``K`` minibatches (scores detached) and
@@ -36,9 +51,10 @@ from mapdet.core.ap import check_ap_method, match_thresholds
 from mapdet.core.apnms import ap_pseudo_gradient_multiclass
 from mapdet.core.pseudograd import check_min_step
 
-__all__ = ["LOSS_FORMS", "MAPLoss", "Windows"]
+__all__ = ["LOSS_FORMS", "MAPLoss", "NORMALIZATIONS", "Windows", "normalization_scale"]
 
 LOSS_FORMS = ("one_minus", "neg_log")
+NORMALIZATIONS = ("none", "nonzero", "per_class", "l1")
 #: ``-log(mAP)`` uses ``max(mAP, NEG_LOG_FLOOR)`` so that a zero mAP gives a finite loss.
 NEG_LOG_FLOOR = 1e-4
 
@@ -168,6 +184,28 @@ def windows_from_tensors(probs, boxes, image_ids, targets) -> Windows:
     )
 
 
+def normalization_scale(grads: np.ndarray, base: float, normalization: str) -> np.ndarray:
+    """The factor ``S`` (shape ``(1, K)``) such that the gradient handed to autograd is
+    ``-S * grads``, for ``grads (N, K)`` the per-class pseudo-gradients of the windows that
+    receive one (the global batch's under DDP) and ``base`` the form's factor (``1/|C'|``,
+    or ``1/(|C'| mAP)`` for ``neg_log``). See the module docstring for the four rules.
+    """
+    k = grads.shape[1] if grads.ndim == 2 else 0
+    if normalization == "none":
+        return np.full((1, k), base)
+    if normalization == "nonzero":
+        n = int(np.count_nonzero((grads != 0).any(axis=1))) if grads.size else 0
+        return np.full((1, k), base / max(n, 1))
+    if normalization == "per_class":
+        n_c = np.count_nonzero(grads, axis=0) if grads.size else np.zeros(k)
+        return (base / np.maximum(n_c, 1)).reshape(1, k)
+    if normalization == "l1":
+        norm = float(np.abs(base * grads).sum())
+        return np.full((1, k), base / norm if norm > 0 else 0.0)
+    raise ValueError(f"normalization must be one of {list(NORMALIZATIONS)}, "
+                     f"got {normalization!r}")
+
+
 class _MAPFunction(torch.autograd.Function):
     """``forward(probs, loss_value, grad_probs) -> loss``; the backward hands autograd the
     precomputed ``grad_probs`` (the negative scaled pseudo-gradient)."""
@@ -193,6 +231,8 @@ class MAPLoss(nn.Module):
         ap_method: ``"area"``, ``"voc07"`` or ``"r101"``.
         min_step: ``mu > 0`` in the pseudo-gradient's slopes.
         form: ``"one_minus"`` (``1 - mAP``) or ``"neg_log"`` (``-log mAP``).
+        normalization: ``"none"``, ``"nonzero"``, ``"per_class"`` or ``"l1"``: how the
+            gradient is scaled (module docstring); the loss value is unchanged.
         memory: number of past minibatches whose (detached) detections join the AP.
         distributed: gather every rank's windows (``torch.distributed`` must be
             initialised); the AP is the global batch's.
@@ -209,7 +249,8 @@ class MAPLoss(nn.Module):
     def __init__(self, score_threshold: float = 0.05, nms_iou: float = 0.3,
                  match_iou: float | Sequence[float] = 0.5, ap_method: str = "area",
                  min_step: float = 1e-3, form: str = "one_minus", *, memory: int = 0,
-                 distributed: bool = False, num_threads: int | None = None):
+                 distributed: bool = False, num_threads: int | None = None,
+                 normalization: str = "none"):
         super().__init__()
         check_ap_method(ap_method)
         match_thresholds(match_iou)
@@ -218,6 +259,9 @@ class MAPLoss(nn.Module):
         check_min_step(min_step)
         if form not in LOSS_FORMS:
             raise ValueError(f"form must be one of {list(LOSS_FORMS)}, got {form!r}")
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {list(NORMALIZATIONS)}, "
+                             f"got {normalization!r}")
         if int(memory) < 0:
             raise ValueError(f"memory must be >= 0 minibatches, got {memory!r}")
         self.score_threshold = float(score_threshold)
@@ -226,6 +270,7 @@ class MAPLoss(nn.Module):
         self.ap_method = ap_method
         self.min_step = float(min_step)
         self.form = form
+        self.normalization = normalization
         self.memory = int(memory)
         self.distributed = bool(distributed)
         self.num_threads = num_threads
@@ -236,7 +281,8 @@ class MAPLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"score_threshold={self.score_threshold}, nms_iou={self.nms_iou}, "
                 f"match_iou={self.match_iou}, ap_method={self.ap_method!r}, "
-                f"min_step={self.min_step}, form={self.form!r}, memory={self.memory}, "
+                f"min_step={self.min_step}, form={self.form!r}, "
+                f"normalization={self.normalization!r}, memory={self.memory}, "
                 f"distributed={self.distributed}")
 
     def reset_memory(self) -> None:
@@ -287,22 +333,24 @@ class MAPLoss(nn.Module):
             self._memory.appendleft(_detached_detections(local, self.score_threshold))
         n_local = local.probs.shape[0]
         grads = grads[:n_local]
-        if rank_slices is not None:
-            grads = grads[rank_slices] * world
         defined = ~np.isnan(aps)
         self.last_ap = aps
         n_def = int(defined.sum())
         if n_def == 0:
             self.last_map = float("nan")
-            loss_value, scale = 0.0, 0.0
+            loss_value, base = 0.0, 0.0
         else:
             m_ap = float(aps[defined].mean())
             self.last_map = m_ap
             if self.form == "one_minus":
-                loss_value, scale = 1.0 - m_ap, 1.0 / n_def
+                loss_value, base = 1.0 - m_ap, 1.0 / n_def
             else:
                 floor = max(m_ap, NEG_LOG_FLOOR)
-                loss_value, scale = -math.log(floor), 1.0 / (n_def * floor)
+                loss_value, base = -math.log(floor), 1.0 / (n_def * floor)
+        # The scale is a function of the global batch's gradient, so every rank uses the same.
+        scale = normalization_scale(grads, base, self.normalization)
+        if rank_slices is not None:
+            grads = grads[rank_slices] * world
         grad_probs = torch.as_tensor(-scale * grads, dtype=probs.dtype, device=probs.device)
         value = torch.tensor(loss_value, dtype=probs.dtype, device=probs.device)
         return _MAPFunction.apply(probs, value, grad_probs)

@@ -50,6 +50,7 @@ __all__ = [
     "output_names",
     "run_inference",
     "score_result_files",
+    "train_split_summary",
 ]
 
 log = logging.getLogger(__name__)
@@ -266,11 +267,14 @@ def evaluate_checkpoint(
     split: str | None = None,
     out: str | Path | None = None,
     progress: bool = True,
+    train_split: bool | None = None,
 ) -> EvalReport:
     """Evaluate a checkpoint (``mapdet eval CONFIG --checkpoint CKPT``).
 
     The configuration is ``config`` (a YAML file) if given, else the checkpoint's own, with
-    ``overrides`` applied. Outputs go to ``out`` (default ``<run dir>/eval``).
+    ``overrides`` applied. Outputs go to ``out`` (default ``<run dir>/eval``). On the test
+    split, ``train_split`` (default ``eval.train_split_map``) also scores the train split
+    and stores it as ``train_split`` in ``metrics.json`` (:func:`train_split_summary`).
     """
     state = ckpt.load_checkpoint(checkpoint)
     if config is not None:
@@ -293,9 +297,22 @@ def evaluate_checkpoint(
     if out is None:
         p = Path(state["path"]).resolve().parent
         out = (p.parent if p.name == "checkpoints" else p) / "eval"
+    extra = {"checkpoint": state["path"], "iteration": int(state.get("iteration", 0))}
+    if (cfg.eval.train_split_map if train_split is None else train_split) and split == "test":
+        extra["train_split"] = train_split_summary(model, cfg, progress=progress)
     return evaluate_model(model, cfg, split=split, dataset=dataset, out=out, progress=progress,
-                          extra={"checkpoint": state["path"],
-                                 "iteration": int(state.get("iteration", 0))})
+                          extra=extra)
+
+
+def train_split_summary(model: torch.nn.Module, cfg: Config, *, progress: bool = False
+                        ) -> dict[str, Any]:
+    """``{"split", "num_images", "mAP_<metric>"...}``: the model on the whole train split
+    with the test-time post-processing (no output files)."""
+    report = evaluate_model(model, cfg, split="train", progress=progress)
+    out: dict[str, Any] = {"split": split_name(cfg, "train"), "num_images": report.num_images}
+    for name, r in report.results.items():
+        out[f"mAP_{name}"] = None if math.isnan(r.mAP) else float(r.mAP)
+    return out
 
 
 # --------------------------------------------------------------------------------------------

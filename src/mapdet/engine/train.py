@@ -83,9 +83,11 @@ class TrainResult:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.SGD:
-    """SGD with momentum. As in Fast R-CNN, biases get ``lr * bias_lr_factor`` and no weight
-    decay; other 1-D parameters (normalisation scales) get no weight decay."""
+    """SGD with momentum at :meth:`Config.stage_lr` (``loss.lr`` for the mAP loss). As in
+    Fast R-CNN, biases get ``lr * bias_lr_factor`` and no weight decay; other 1-D parameters
+    (normalisation scales) get no weight decay."""
     t = cfg.train
+    lr = cfg.stage_lr()
     weights, norms, biases = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -97,11 +99,11 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.SGD:
         else:
             weights.append(p)
     groups = [
-        {"params": weights, "lr": t.lr, "weight_decay": t.weight_decay},
-        {"params": norms, "lr": t.lr, "weight_decay": 0.0},
-        {"params": biases, "lr": t.lr * t.bias_lr_factor, "weight_decay": 0.0},
+        {"params": weights, "lr": lr, "weight_decay": t.weight_decay},
+        {"params": norms, "lr": lr, "weight_decay": 0.0},
+        {"params": biases, "lr": lr * t.bias_lr_factor, "weight_decay": 0.0},
     ]
-    return torch.optim.SGD([g for g in groups if g["params"]], lr=t.lr, momentum=t.momentum)
+    return torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=t.momentum)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config):
@@ -206,7 +208,8 @@ def _check_finite(loss: torch.Tensor, iteration: int, stats: dict[str, float], l
         where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
         raise TrainingDiverged(
             f"training diverged: the loss is {loss.item()} at iteration {iteration + 1} "
-            f"({parts}); stopped without saving; {where}. Try a lower train.lr.")
+            f"({parts}); stopped without saving; {where}. Try a lower "
+            f"{'loss.lr' if 'loss_map' in stats else 'train.lr'}.")
 
 
 def _generator(seed: int, iteration: int, slot: int) -> torch.Generator:
@@ -316,6 +319,11 @@ def _train(cfg: Config, run_dir: Path, resume_state, callbacks, progress: bool) 
     rank_order = RankOrder(order, env.rank, env.world_size)
     criterion = build_criterion(cfg, distributed=env.distributed, model=model)
     faster = cfg.model.arch == "faster_rcnn"
+    if t.loss == "map":
+        lc = cfg.loss
+        log.info("mAP stage: lr %g (loss.lr; train.lr %g is the softmax stage's), "
+                 "normalization %s, min_step %g, memory %d", cfg.stage_lr(), t.lr,
+                 lc.normalization, lc.min_step, lc.memory)
 
     ckpt_dir = run_dir / "checkpoints"
     start = 0

@@ -63,6 +63,11 @@ class EvalReport:
         from mapdet.evaluation.table import format_per_class
 
         text = format_per_class(self.results, class_names=self.class_names)
+        tr = self.extra.get("train_split")
+        if tr:
+            parts = [f"{m} mAP {100 * tr['mAP_' + m]:.1f}" for m in self.results
+                     if tr.get("mAP_" + m) is not None]
+            text += f"\ntrain split ({tr['split']}, {tr['num_images']} images): " + ", ".join(parts)
         if not math.isnan(self.images_per_sec):
             text += f"\n{self.num_images} images, {self.images_per_sec:.1f} images/s"
         return text

@@ -1,0 +1,303 @@
+"""The mAP-stage study on the digits benchmark (issue 8): gradient scale, sweep, equal-budget
+controls, ablations. Every step writes a JSON file into ``--out``; training runs go to
+``--work`` (checkpoints are large: keep them out of the repository).
+
+Protocol. One softmax baseline (``configs/digits.yaml``, 3000 iterations, seed 0) is the
+starting point of every stage. A stage trains ``--iterations`` iterations from it at a
+constant learning rate (no warm-up, no steps) and is evaluated every ``--eval-every``
+iterations on the *whole* train split and the whole test split with the test-time
+post-processing (score 0.05, NMS 0.3, 100 per image), VOC07 and area mAP.
+
+Usage (from the repository root; ``PYTHONPATH=src`` or an installed mapdet)::
+
+    python experiments/map_study.py baseline --work W --out experiments/map_study
+    python experiments/map_study.py scale    --work W --out experiments/map_study
+    python experiments/map_study.py sweep    --work W --out experiments/map_study
+    python experiments/map_study.py controls --work W --out experiments/map_study --seeds 0 1 2
+    python experiments/map_study.py ablations --work W --out experiments/map_study
+
+``--base CKPT`` reuses an existing baseline checkpoint instead of ``W/baseline``;
+``--set KEY=VALUE`` adds config overrides to every run (e.g. the quick data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mapdet.config import apply_overrides
+from mapdet.engine import checkpoint as ckpt
+from mapdet.engine.builders import build_dataset, build_proposals, set_threads
+from mapdet.engine.demo import default_config
+from mapdet.engine.evaluate import evaluate_model, model_from_checkpoint
+from mapdet.engine.train import train
+
+log = logging.getLogger("map_study")
+
+#: The sweep: (normalization, lr, min_step). ``none`` is the old gradient, at the rates the
+#: issue used (1e-5) and ten times more; the normalised ones around the softmax stage's rates.
+SWEEP = [
+    ("none", 1e-5, 1e-3), ("none", 1e-4, 1e-3),
+    ("nonzero", 1e-3, 1e-3), ("nonzero", 1e-2, 1e-3),
+    ("per_class", 1e-3, 1e-3), ("per_class", 1e-2, 1e-3),
+    ("l1", 1e-3, 1e-3), ("l1", 1e-2, 1e-3), ("l1", 1e-1, 1e-3),
+    ("l1", 1e-2, 1e-2), ("l1", 1e-2, 1e-1),
+]
+
+
+class Study:
+    def __init__(self, args):
+        self.args = args
+        self.work = Path(args.work)
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        paths = [f"data.root={self.work / 'data'}", f"proposals.cache_dir={self.work / 'cache'}",
+                 "train.checkpoint_every=0", "output.tensorboard=false"]
+        self.cfg = default_config([*paths, *args.set])
+        set_threads(self.cfg.train.threads)
+        self.sets = {s: build_dataset(self.cfg, s) for s in ("train", "test")}
+        self.props = {s: build_proposals(self.cfg, d, s, progress=False)
+                      for s, d in self.sets.items()}
+        self._eval_cache: dict[str, dict] = {}
+
+    @property
+    def base(self) -> Path:
+        return Path(self.args.base) if self.args.base else self.work / "baseline"
+
+    # -- evaluation --------------------------------------------------------------------------
+    def evaluate(self, checkpoint: Path) -> dict:
+        """Train and test mAP (VOC07 and area) of a checkpoint, whole splits."""
+        key = str(checkpoint)
+        if key not in self._eval_cache:
+            model, _, _ = model_from_checkpoint(checkpoint, self.cfg.copy())
+            row = {}
+            for split in ("train", "test"):
+                rep = evaluate_model(model, self.cfg, split=split, dataset=self.sets[split],
+                                     proposals=self.props[split], progress=False)
+                row[f"{split}_voc07"] = rep.results["voc07"].mAP
+                row[f"{split}_area"] = rep.results["area"].mAP
+            self._eval_cache[key] = row
+        return dict(self._eval_cache[key])
+
+    # -- one stage ---------------------------------------------------------------------------
+    def stage(self, name: str, overrides: list[str], *, seed: int = 0,
+              iterations: int | None = None, eval_every: int | None = None) -> dict:
+        iterations = iterations or self.args.iterations
+        eval_every = eval_every or self.args.eval_every
+        cfg = apply_overrides(self.cfg, [
+            f"train.init_from={self.base_checkpoint()}", f"train.iterations={iterations}",
+            "train.lr_steps=[]", "train.warmup_iterations=0", f"train.seed={seed}",
+            f"train.checkpoint_every={eval_every}", "train.log_every=10", *overrides,
+        ]).validate()
+        run = self.work / "runs" / name
+        t0 = time.perf_counter()
+        res = train(cfg, out=run, progress=False)
+        seconds = time.perf_counter() - t0
+        curve = [{"iteration": 0, **self.evaluate(self.base_checkpoint())}]
+        for it, path in ckpt.list_checkpoints(run / "checkpoints"):
+            curve.append({"iteration": it, **self.evaluate(path)})
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        batch_map = [r["mAP"] for r in rows if "mAP" in r and r["mAP"] is not None]
+        tail = batch_map[-max(1, len(batch_map) // 4):]
+        out = {"name": name, "overrides": overrides, "seed": seed, "iterations": iterations,
+               "lr": cfg.stage_lr(), "loss": cfg.train.loss, "curve": curve,
+               "final": curve[-1], "sec_per_iter": res.sec_per_iter, "train_seconds": seconds,
+               "minibatch_mAP_last_quarter": float(np.mean(tail)) if tail else None}
+        log.info("%s: %s", name, json.dumps(out["final"]))
+        return out
+
+    def base_checkpoint(self) -> Path:
+        found = self.base if self.base.suffix == ".pt" else ckpt.find_last_checkpoint(self.base)
+        if found is None:
+            sys.exit(f"no baseline checkpoint in {self.base}: run the 'baseline' step first")
+        return found
+
+    def write(self, name: str, payload: dict) -> Path:
+        from mapdet.io import atomic_write_text
+
+        payload = {**payload, "machine": {"platform": platform.platform(),
+                                          "torch": torch.__version__,
+                                          "note": self.args.note}}
+        path = self.out / f"{name}.json"
+        atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+        log.info("wrote %s", path)
+        return path
+
+
+# -- steps -----------------------------------------------------------------------------------
+def step_baseline(s: Study) -> None:
+    t0 = time.perf_counter()
+    res = train(apply_overrides(s.cfg, ["train.checkpoint_every=0"]), out=s.work / "baseline",
+                progress=False)
+    s.write("baseline", {"checkpoint": str(res.checkpoint), "iterations": res.iterations,
+                         "seconds": time.perf_counter() - t0, **s.evaluate(res.checkpoint)})
+
+
+def step_scale(s: Study) -> None:
+    """Gradient size at the baseline, per normalization and min_step, against the softmax
+    loss's: L1 norm and largest entry of d loss / d probs, the share of the L1 mass in the
+    largest 1% of entries, and the parameters' gradient norm."""
+    from mapdet import MAPLoss
+    from mapdet.engine.data_loading import make_train_loader
+    from mapdet.engine.distributed import RankOrder
+    from mapdet.engine.schedule import DataOrder
+    from mapdet.engine.steps import map_loss, softmax_loss
+
+    cfg = apply_overrides(s.cfg, ["loss.box_loss_weight=0"]).validate()
+    model, _, _ = model_from_checkpoint(s.base_checkpoint(), cfg.copy())
+    model.train()
+    order = DataOrder(len(s.sets["train"]), cfg.train.images_per_batch, 0, False)
+    batches = list(make_train_loader(s.sets["train"], s.props["train"], cfg,
+                                     RankOrder(order, 0, 1), 0, s.args.scale_batches))
+
+    def param_norm() -> float:
+        g = [p.grad.flatten() for p in model.parameters() if p.grad is not None]
+        return float(torch.cat(g).norm()) if g else 0.0
+
+    rows = []
+    gens = lambda it: [torch.Generator().manual_seed(1000 * it + b)  # noqa: E731
+                       for b in range(cfg.train.images_per_batch)]
+    soft = []
+    for it, batch in enumerate(batches):
+        model.zero_grad()
+        loss, _ = softmax_loss(model, batch, cfg, gens(it))
+        loss.backward()
+        soft.append(param_norm())
+    rows.append({"loss": "softmax (cls + box)", "param_grad_norm": float(np.mean(soft))})
+    for min_step in (1e-3, 1e-2, 1e-1):
+        for norm in ("none", "nonzero", "per_class", "l1"):
+            crit = MAPLoss(min_step=min_step, normalization=norm)
+            seen: list[torch.Tensor] = []
+            orig = crit.forward
+
+            def hooked(probs, *a, _orig=orig, _seen=seen):
+                probs.register_hook(lambda grad: _seen.append(grad.detach().clone()))
+                return _orig(probs, *a)
+
+            crit.forward = hooked
+            stats = {"l1": [], "max": [], "top1pct": [], "param": [], "nonzero": []}
+            for it, batch in enumerate(batches):
+                model.zero_grad()
+                loss, _ = map_loss(model, batch, cfg, crit, gens(it))
+                loss.backward()
+                g = seen[-1].abs().flatten().numpy()
+                l1 = float(g.sum())
+                top = np.sort(g)[::-1][: max(1, g.size // 100)].sum()
+                stats["l1"].append(l1)
+                stats["max"].append(float(g.max()) if g.size else 0.0)
+                stats["top1pct"].append(float(top / l1) if l1 > 0 else math.nan)
+                stats["param"].append(param_norm())
+                stats["nonzero"].append(float((seen[-1] != 0).any(dim=1).sum()))
+            rows.append({"loss": "map", "normalization": norm, "min_step": min_step,
+                         "dprobs_l1": float(np.mean(stats["l1"])),
+                         "dprobs_max": float(np.mean(stats["max"])),
+                         "share_of_l1_in_top_1pct": float(np.nanmean(stats["top1pct"])),
+                         "windows_with_nonzero_partial": float(np.mean(stats["nonzero"])),
+                         "param_grad_norm": float(np.mean(stats["param"]))})
+            log.info("scale %s", rows[-1])
+    s.write("scale", {"batches": len(batches), "rows": rows,
+                      "windows_per_batch": float(np.mean([sum(len(x.proposals)
+                                                              for x in b.samples)
+                                                          for b in batches]))})
+
+
+def step_sweep(s: Study) -> None:
+    results = []
+    path = s.out / "sweep.json"
+    done = {r["name"]: r for r in json.loads(path.read_text())["runs"]} if path.is_file() else {}
+    for norm, lr, mu in SWEEP:
+        name = f"sweep_{norm}_lr{lr:g}_mu{mu:g}"
+        r = done.get(name) or s.stage(name, ["train.loss=map", f"loss.normalization={norm}",
+                                             f"loss.lr={lr}", f"loss.min_step={mu}"])
+        results.append(r)
+        s.write("sweep", {"runs": results, "protocol": _protocol(s)})
+    for lr in (1e-3, 1e-2):  # the softmax continuation at the same budget, for reference
+        name = f"sweep_softmax_lr{lr:g}"
+        results.append(done.get(name) or s.stage(name, ["train.loss=softmax",
+                                                        f"train.lr={lr}"]))
+        s.write("sweep", {"runs": results, "protocol": _protocol(s)})
+
+
+def step_controls(s: Study) -> None:
+    arms = {
+        "map_recipe": ["train.loss=map"] + list(s.args.map_set),
+        "softmax_at_map_lr": ["train.loss=softmax", f"train.lr={s.args.map_lr}"],
+        "softmax_at_best": ["train.loss=softmax", f"train.lr={s.args.softmax_lr}"],
+    }
+    out = {"arms": {}, "protocol": _protocol(s), "seeds": s.args.seeds}
+    for arm, ov in arms.items():
+        runs = [s.stage(f"control_{arm}_seed{seed}", ov, seed=seed,
+                        eval_every=s.args.iterations) for seed in s.args.seeds]
+        summary = {}
+        for key in ("train_voc07", "test_voc07", "train_area", "test_area"):
+            v = np.array([r["final"][key] for r in runs])
+            summary[key] = {"mean": float(v.mean()), "std": float(v.std(ddof=1))
+                            if len(v) > 1 else None, "values": v.tolist()}
+        out["arms"][arm] = {"overrides": ov, "summary": summary, "runs": runs}
+        s.write("controls", out)
+
+
+def step_ablations(s: Study) -> None:
+    variants = {
+        "recipe": [],
+        "no_nms_in_loss": ["loss.nms_iou=1.0"],
+        "neg_log": ["loss.form=neg_log"],
+        "memory0": ["loss.memory=0"],
+        "memory5": ["loss.memory=5"],
+        "memory20": ["loss.memory=20"],
+    }
+    out = {"variants": {}, "protocol": _protocol(s)}
+    for name, ov in variants.items():
+        r = s.stage(f"ablation_{name}", ["train.loss=map", *s.args.map_set, *ov],
+                    eval_every=s.args.iterations)
+        out["variants"][name] = r
+        s.write("ablations", out)
+
+
+def _protocol(s: Study) -> dict:
+    return {"base": str(s.base_checkpoint()), "iterations": s.args.iterations,
+            "eval_every": s.args.eval_every, "set": s.args.set,
+            "train_images": len(s.sets["train"]), "test_images": len(s.sets["test"]),
+            "baseline": s.evaluate(s.base_checkpoint())}
+
+
+STEPS = {"baseline": step_baseline, "scale": step_scale, "sweep": step_sweep,
+         "controls": step_controls, "ablations": step_ablations}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("step", choices=list(STEPS))
+    p.add_argument("--work", required=True, help="folder for data, proposals and runs")
+    p.add_argument("--out", default="experiments/map_study", help="folder for the JSON files")
+    p.add_argument("--base", default=None, help="baseline checkpoint or run directory")
+    p.add_argument("--set", nargs="*", default=[], help="config overrides for every run")
+    p.add_argument("--iterations", type=int, default=300)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--scale-batches", type=int, default=8)
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    p.add_argument("--map-set", nargs="*", default=[],
+                   help="overrides of the mAP arm (default: the config's recipe)")
+    p.add_argument("--map-lr", type=float, default=1e-2,
+                   help="the mAP arm's lr, for the softmax control at that rate")
+    p.add_argument("--softmax-lr", type=float, default=1e-3,
+                   help="the softmax continuation's best lr (from the sweep)")
+    p.add_argument("--note", default="", help="machine note stored in the JSON")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("mapdet").setLevel(logging.WARNING)
+    STEPS[args.step](Study(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
