@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mapdet.config import load_config
+from mapdet.config import MAP_STAGE_LR, load_config
 from mapdet.engine.demo import default_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -26,15 +26,23 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "softmax voc07" in printed and "map area" in printed and "ms/iteration" in printed
+    assert "train voc07" in printed and "test voc07" in printed
 
     results = json.loads((out / "results.json").read_text())
-    for name in ("softmax", "map"):
+    for name in ("baseline", "softmax", "map"):
         r = results[name]
-        assert {"mAP", "mAP_voc07", "per_class", "sec_per_iter"} <= set(r)
+        assert {"mAP", "mAP_voc07", "per_class", "sec_per_iter", "train_mAP"} <= set(r)
         assert 0.0 <= r["mAP"] <= 1.0 and 0.0 <= r["mAP_voc07"] <= 1.0
+        assert 0.0 <= r["train_mAP"] <= 1.0 and 0.0 <= r["train_mAP_voc07"] <= 1.0
         assert len(r["per_class"]) == 10
         assert r["sec_per_iter"] > 0 and math.isfinite(r["sec_per_iter"])
     assert results["softmax"]["iterations"] == results["map"]["iterations"]
+    # The quick baseline clearly learned (issue 9: at least 0.25 VOC07 mAP was measured; the
+    # bound leaves room for other machines' floating point).
+    assert results["baseline"]["mAP_voc07"] >= 0.2
+    # The mAP stage ran the recipe, not the softmax stage's learning rate.
+    assert results["finetune"]["map_lr"] == MAP_STAGE_LR
+    assert results["finetune"]["map_normalization"] == default_config().loss.normalization
     assert results["config"]["model"]["backbone"] == "small"
     assert results["machine"]["cpu_count"] >= 1
     for name in ("pr_curves_softmax.png", "pr_curves_map.png", "detections_map.png"):
