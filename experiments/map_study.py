@@ -15,6 +15,7 @@ Usage (from the repository root; ``PYTHONPATH=src`` or an installed mapdet)::
     python experiments/map_study.py sweep    --work W --out experiments/map_study
     python experiments/map_study.py controls --work W --out experiments/map_study --seeds 0 1 2
     python experiments/map_study.py ablations --work W --out experiments/map_study
+    python experiments/map_study.py report --out experiments/map_study   # README tables
 
 ``--base CKPT`` reuses an existing baseline checkpoint instead of ``W/baseline``;
 ``--set KEY=VALUE`` adds config overrides to every run (e.g. the quick data).
@@ -46,12 +47,11 @@ log = logging.getLogger("map_study")
 #: The sweep: (normalization, lr, min_step). ``none`` is the old gradient, at the rates the
 #: issue used (1e-5) and ten times more; the normalised ones around the softmax stage's rates.
 SWEEP = [
-    ("none", 1e-5, 1e-3), ("none", 1e-4, 1e-3),
-    ("nonzero", 1e-3, 1e-3), ("nonzero", 1e-2, 1e-3),
-    ("per_class", 1e-3, 1e-3), ("per_class", 1e-2, 1e-3),
-    ("l1", 1e-3, 1e-3), ("l1", 1e-2, 1e-3), ("l1", 1e-1, 1e-3),
-    ("l1", 1e-2, 1e-2), ("l1", 1e-2, 1e-1),
+    ("none", 1e-5, 1e-3, 0), ("none", 1e-4, 1e-3, 0),
+    ("l1", 1e-3, 1e-3, 0), ("l1", 1e-4, 1e-3, 0), ("l1", 1e-3, 1e-3, 20),
+    ("l1", 1e-2, 1e-1, 0), ("nonzero", 1e-3, 1e-3, 0), ("l1", 1e-2, 1e-3, 0),
 ]
+#: The softmax continuations at the same budget are the ``controls`` step's.
 
 
 class Study:
@@ -100,7 +100,12 @@ class Study:
         ]).validate()
         run = self.work / "runs" / name
         t0 = time.perf_counter()
-        res = train(cfg, out=run, progress=False)
+        if ckpt.checkpoint_path(run / "checkpoints", iterations).is_file():
+            log.info("%s: already trained, evaluating only", name)  # an interrupted study
+            spi = float(np.median([json.loads(x)["sec_per_iter"] for x in
+                                   (run / "metrics.jsonl").read_text().splitlines()]))
+        else:
+            spi = train(cfg, out=run, progress=False).sec_per_iter
         seconds = time.perf_counter() - t0
         curve = [{"iteration": 0, **self.evaluate(self.base_checkpoint())}]
         for it, path in ckpt.list_checkpoints(run / "checkpoints"):
@@ -110,7 +115,7 @@ class Study:
         tail = batch_map[-max(1, len(batch_map) // 4):]
         out = {"name": name, "overrides": overrides, "seed": seed, "iterations": iterations,
                "lr": cfg.stage_lr(), "loss": cfg.train.loss, "curve": curve,
-               "final": curve[-1], "sec_per_iter": res.sec_per_iter, "train_seconds": seconds,
+               "final": curve[-1], "sec_per_iter": spi, "train_seconds": seconds,
                "minibatch_mAP_last_quarter": float(np.mean(tail)) if tail else None}
         log.info("%s: %s", name, json.dumps(out["final"]))
         return out
@@ -214,27 +219,29 @@ def step_sweep(s: Study) -> None:
     results = []
     path = s.out / "sweep.json"
     done = {r["name"]: r for r in json.loads(path.read_text())["runs"]} if path.is_file() else {}
-    for norm, lr, mu in SWEEP:
-        name = f"sweep_{norm}_lr{lr:g}_mu{mu:g}"
+    for norm, lr, mu, memory in SWEEP:
+        name = f"sweep_{norm}_lr{lr:g}_mu{mu:g}" + (f"_memory{memory}" if memory else "")
         r = done.get(name) or s.stage(name, ["train.loss=map", f"loss.normalization={norm}",
-                                             f"loss.lr={lr}", f"loss.min_step={mu}"])
+                                             f"loss.lr={lr}", f"loss.min_step={mu}",
+                                             f"loss.memory={memory}"])
         results.append(r)
-        s.write("sweep", {"runs": results, "protocol": _protocol(s)})
-    for lr in (1e-3, 1e-2):  # the softmax continuation at the same budget, for reference
-        name = f"sweep_softmax_lr{lr:g}"
-        results.append(done.get(name) or s.stage(name, ["train.loss=softmax",
-                                                        f"train.lr={lr}"]))
         s.write("sweep", {"runs": results, "protocol": _protocol(s)})
 
 
 def step_controls(s: Study) -> None:
     arms = {
-        "map_recipe": ["train.loss=map"] + list(s.args.map_set),
+        "map_recipe": ["train.loss=map", f"loss.lr={s.args.map_lr}", *s.args.map_set],
         "softmax_at_map_lr": ["train.loss=softmax", f"train.lr={s.args.map_lr}"],
         "softmax_at_best": ["train.loss=softmax", f"train.lr={s.args.softmax_lr}"],
+        **{f"softmax_lr{lr:g}": ["train.loss=softmax", f"train.lr={lr}"]
+           for lr in s.args.softmax_extra},
     }
-    out = {"arms": {}, "protocol": _protocol(s), "seeds": s.args.seeds}
+    path = s.out / "controls.json"
+    out = json.loads(path.read_text()) if path.is_file() else {"arms": {}}
+    out.update({"protocol": _protocol(s), "seeds": s.args.seeds})
     for arm, ov in arms.items():
+        if s.args.arms and arm not in s.args.arms:
+            continue
         runs = [s.stage(f"control_{arm}_seed{seed}", ov, seed=seed,
                         eval_every=s.args.iterations) for seed in s.args.seeds]
         summary = {}
@@ -247,15 +254,24 @@ def step_controls(s: Study) -> None:
 
 
 def step_ablations(s: Study) -> None:
+    """Variants of the recipe (``--map-set``), each one change. The recipe itself and the
+    memory variants at 0 and 20 are the sweep's runs with those settings (same protocol)."""
     variants = {
-        "recipe": [],
-        "no_nms_in_loss": ["loss.nms_iou=1.0"],
+        "no_nms_in_loss": ["loss.nms_iou=1.0"],  # IoU > 1 never holds: AP without NMS
         "neg_log": ["loss.form=neg_log"],
-        "memory0": ["loss.memory=0"],
         "memory5": ["loss.memory=5"],
-        "memory20": ["loss.memory=20"],
     }
-    out = {"variants": {}, "protocol": _protocol(s)}
+    from_sweep = {"recipe (memory 0)": "sweep_l1_lr0.001_mu0.001",
+                  "memory20": "sweep_l1_lr0.001_mu0.001_memory20"}
+    sweep_path = s.out / "sweep.json"
+    sweep = ({r["name"]: r for r in json.loads(sweep_path.read_text())["runs"]}
+             if sweep_path.is_file() else {})
+    out = {"variants": {}, "protocol": _protocol(s), "map_set": s.args.map_set,
+           "not_run": "nearest change / both directions summed: the fast core implements "
+                      "only the nearest improvement (docs/method.md, section 3)"}
+    for name, run in from_sweep.items():
+        if run in sweep:
+            out["variants"][name] = {**sweep[run], "from": "sweep.json"}
     for name, ov in variants.items():
         r = s.stage(f"ablation_{name}", ["train.loss=map", *s.args.map_set, *ov],
                     eval_every=s.args.iterations)
@@ -270,14 +286,78 @@ def _protocol(s: Study) -> dict:
             "baseline": s.evaluate(s.base_checkpoint())}
 
 
+def report(out_dir: Path) -> str:
+    """The README tables (markdown) from the JSON files in ``out_dir``; mAP in percent."""
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}"
+
+    def load(name):
+        path = out_dir / f"{name}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    lines = []
+    scale = load("scale")
+    if scale:
+        lines += [f"Gradient size at the baseline ({scale['batches']} minibatches, "
+                  f"{scale['windows_per_batch']:.0f} windows each):", "",
+                  "| loss | normalization | min_step | windows with a nonzero partial | "
+                  "L1 of d loss/d probs | parameter-gradient norm |", "|---|---|---|---|---|---|"]
+        for r in scale["rows"]:
+            if r["loss"] != "map":
+                lines.append(f"| {r['loss']} | | | | | {r['param_grad_norm']:.2f} |")
+                continue
+            lines.append(f"| 1 - mAP | {r['normalization']} | {r['min_step']:g} | "
+                         f"{r['windows_with_nonzero_partial']:.1f} | {r['dprobs_l1']:.2f} | "
+                         f"{r['param_grad_norm']:.2f} |")
+        lines.append("")
+    sweep = load("sweep")
+    if sweep:
+        b = sweep["protocol"]["baseline"]
+        lines += ["Sweep (seed 0; VOC07 mAP of the whole train split / test split after "
+                  "0, 100, 200 iterations; minibatch AP over the last 50 iterations):", "",
+                  "| normalization | lr | min_step | memory | train mAP | test mAP | "
+                  "minibatch AP |", "|---|---|---|---|---|---|---|"]
+        for r in sweep["runs"]:
+            ov = dict(o.split("=", 1) for o in r["overrides"])
+            tr = " -> ".join(pct(c["train_voc07"]) for c in r["curve"])
+            te = " -> ".join(pct(c["test_voc07"]) for c in r["curve"])
+            lines.append(f"| {ov['loss.normalization']} | {ov['loss.lr']} | "
+                         f"{ov['loss.min_step']} | {ov.get('loss.memory', '0')} | {tr} | {te} | "
+                         f"{pct(r['minibatch_mAP_last_quarter'])} |")
+        lines += ["", f"Baseline: train {pct(b['train_voc07'])}, test {pct(b['test_voc07'])} "
+                  f"VOC07 mAP ({pct(b['train_area'])} / {pct(b['test_area'])} area).", ""]
+    controls = load("controls")
+    if controls:
+        lines += ["Equal budget, seeds " + ", ".join(map(str, controls["seeds"])) +
+                  " (mean +- sample std; VOC07 and area mAP):", "",
+                  "| continuation (200 it.) | train VOC07 | test VOC07 | test area |",
+                  "|---|---|---|---|"]
+        for arm, a in controls["arms"].items():
+            sm = a["summary"]
+            cells = [f"{100 * sm[k]['mean']:.2f} +- {100 * (sm[k]['std'] or 0):.2f}"
+                     for k in ("train_voc07", "test_voc07", "test_area")]
+            lines.append(f"| {arm}: {' '.join(a['overrides'])} | " + " | ".join(cells) + " |")
+        lines.append("")
+    abl = load("ablations")
+    if abl:
+        lines += ["Ablations (seed 0, 200 it., one change each to "
+                  f"{' '.join(abl['map_set'])}):", "",
+                  "| variant | train VOC07 | test VOC07 | test area |", "|---|---|---|---|"]
+        for name, r in abl["variants"].items():
+            f = r["final"]
+            lines.append(f"| {name} | {pct(f['train_voc07'])} | {pct(f['test_voc07'])} | "
+                         f"{pct(f['test_area'])} |")
+    return "\n".join(lines)
+
+
 STEPS = {"baseline": step_baseline, "scale": step_scale, "sweep": step_sweep,
          "controls": step_controls, "ablations": step_ablations}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("step", choices=list(STEPS))
-    p.add_argument("--work", required=True, help="folder for data, proposals and runs")
+    p.add_argument("step", choices=[*STEPS, "report"])
+    p.add_argument("--work", default="runs/map_study", help="folder for data, proposals and runs")
     p.add_argument("--out", default="experiments/map_study", help="folder for the JSON files")
     p.add_argument("--base", default=None, help="baseline checkpoint or run directory")
     p.add_argument("--set", nargs="*", default=[], help="config overrides for every run")
@@ -286,15 +366,22 @@ def main(argv=None) -> int:
     p.add_argument("--scale-batches", type=int, default=8)
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     p.add_argument("--map-set", nargs="*", default=[],
-                   help="overrides of the mAP arm (default: the config's recipe)")
+                   help="more overrides of the mAP arm (default: the config's recipe)")
     p.add_argument("--map-lr", type=float, default=1e-2,
-                   help="the mAP arm's lr, for the softmax control at that rate")
+                   help="the mAP arm's lr (loss.lr), and the softmax control's at that rate")
     p.add_argument("--softmax-lr", type=float, default=1e-3,
                    help="the softmax continuation's best lr (from the sweep)")
+    p.add_argument("--softmax-extra", type=float, nargs="*", default=[],
+                   help="controls: more softmax arms at these learning rates")
+    p.add_argument("--arms", nargs="*", default=[],
+                   help="controls: run only these arms (the others kept from controls.json)")
     p.add_argument("--note", default="", help="machine note stored in the JSON")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("mapdet").setLevel(logging.WARNING)
+    if args.step == "report":
+        print(report(Path(args.out)))
+        return 0
     STEPS[args.step](Study(args))
     return 0
 

@@ -149,7 +149,7 @@ FULL = DemoPlan(baseline_iterations=3000, finetune_iterations=1000, finetune_lr=
 #: About 2 minutes on 2 cores: fewer, larger and higher-contrast digits (a benchmark that a
 #: few hundred iterations can learn), so that the quick baseline visibly works.
 QUICK = DemoPlan(
-    baseline_iterations=QUICK_BASELINE_ITERATIONS, finetune_iterations=100, finetune_lr=0.001,
+    baseline_iterations=QUICK_BASELINE_ITERATIONS, finetune_iterations=50, finetune_lr=0.001,
     overrides=QUICK_OVERRIDES,
 )
 
