@@ -186,6 +186,8 @@ def test_custom_classes():
         load_config(None, ["data.kind=voc", "data.classes=[a, b, a]"])
     with pytest.raises(ConfigError, match=r"data\.classes: only used with data\.kind: voc"):
         load_config(None, ["data.kind=digits", "data.classes=[a]"])
+
+
 @pytest.mark.parametrize("softmax_lr", [0.001, 0.02, 0.5])
 def test_map_stage_recipe_does_not_depend_on_the_softmax_lr(softmax_lr):
     """``train.loss=map train.init_from=RUN`` alone gives the recommended mAP stage, whatever
