@@ -49,7 +49,7 @@ log = logging.getLogger("map_study")
 SWEEP = [
     ("none", 1e-5, 1e-3, 0), ("none", 1e-4, 1e-3, 0),
     ("l1", 1e-3, 1e-3, 0), ("l1", 1e-4, 1e-3, 0), ("l1", 1e-3, 1e-3, 20),
-    ("l1", 1e-2, 1e-1, 0), ("nonzero", 1e-3, 1e-3, 0), ("l1", 1e-2, 1e-3, 0),
+    ("l1", 1e-2, 1e-1, 0), ("l1", 1e-2, 1e-3, 0),
 ]
 #: The softmax continuations at the same budget are the ``controls`` step's.
 
