@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "train.lr_steps=[1000000]"]
         _run([*cont, "train.lr=0.001", "--out", str(a.out / f"seed{seed}" / "softmax")])
         results["softmax"].append(_read(a.out / f"seed{seed}" / "softmax"))
-        _run([*cont, "train.loss=map", "loss.lr=0.00001", "loss.normalization=none", "loss.memory=20",
-              "--out", str(a.out / f"seed{seed}" / "map")])
+        _run([*cont, "train.loss=map", "loss.lr=0.00001", "loss.normalization=none",
+              "loss.memory=20", "--out", str(a.out / f"seed{seed}" / "map")])
         results["map"].append(_read(a.out / f"seed{seed}" / "map"))
     summary = {}
     for name, runs in results.items():
