@@ -63,6 +63,12 @@ def test_readme_own_data_commands(workdir, capsys):
         assert set(metrics["per_class"]) == set(CLASSES)  # the run's own classes
     again = json.loads((workdir / "runs/mine/eval_again/metrics.json").read_text())
     assert set(again["per_class"]) == set(CLASSES)
+    # a config file without data.classes, with the run's checkpoint: the run's classes
+    assert main(["eval", "configs/own_data.yaml", *SHORTER, "data.root=mydata",
+                 "--checkpoint", "runs/mine", "--out", "runs/mine/eval_cfg", "-q",
+                 "--no-progress"]) == 0
+    by_cfg = json.loads((workdir / "runs/mine/eval_cfg/metrics.json").read_text())
+    assert by_cfg["per_class"] == again["per_class"]
     listing = json.loads((workdir / "detections" / "detections.json").read_text())
     assert list(listing) == ["photo.jpg"]
     assert all(d["class"] in CLASSES for d in listing["photo.jpg"])

@@ -282,13 +282,18 @@ def evaluate_checkpoint(
     else:
         cfg = apply_overrides(config_from_dict(state["config"]), overrides,
                               migrate=False).validate()
+    names = tuple(state.get("class_names") or ())
+    if cfg.data.kind == "voc" and cfg.data.classes is None and names:
+        from mapdet.data.voc import VOC_CLASSES
+
+        if names != VOC_CLASSES:  # a run on one's own classes: they are saved with it
+            cfg.data.classes = list(names)
     set_threads(cfg.train.threads)
     model, cfg, state = model_from_checkpoint(state["path"], cfg)
     device = next(model.parameters()).device
     env = init_distributed(device)  # under torchrun: shard the images over the ranks
     if env.distributed and device.type == "cuda":
         model = model.to(torch.device("cuda", env.local_rank))
-    names = tuple(state.get("class_names") or ())
     split = split or "test"
     dataset = build_dataset(cfg, split)
     if names and tuple(dataset.class_names) != names:
