@@ -545,3 +545,14 @@ def test_proposal_stats():
     assert P.proposal_recall(props, ds, iou=0.9) == 0.0
     with pytest.raises(KeyError, match="'c'"):
         P.proposal_stats({"a": props["a"], "b": props["b"]}, ds)
+
+
+def test_stale_tmp_files_of_a_killed_run_are_removed(tmp_path, monkeypatch):
+    parts = make_parts(tmp_path, monkeypatch)
+    stale = [parts / ".chunk_00000015.npz.x1y2.tmp",
+             tmp_path / f".{parts.name[:-len('.parts')]}.npz.a9b8.tmp"]
+    for p in stale:
+        p.write_bytes(b"half written")
+    run_fake(FakeDataset(15), tmp_path, Counter(), monkeypatch)
+    assert not any(p.exists() for p in stale)
+    assert not list(tmp_path.rglob("*.tmp"))

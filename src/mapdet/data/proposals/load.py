@@ -172,6 +172,10 @@ def _cached(dataset: Any, ids: list[str], cache_dir: Path, run: dict) -> dict[st
         )
         return cached
     parts.mkdir(parents=True, exist_ok=True)
+    # Temporary files of a killed run's atomic writes (chunks, the consolidated file).
+    for tmp in [*parts.glob(".*.tmp"), *cache_dir.glob(f".{final.name}.*.tmp")]:
+        logger.info("removing %s, left by an interrupted run", tmp)
+        tmp.unlink(missing_ok=True)
     _write_parts_meta(parts, ids, method, params)
     results = _load_chunks(parts, ids)
     logger.info(
