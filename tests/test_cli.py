@@ -137,3 +137,19 @@ def test_proposals_train_eval_detect(tmp_path, tiny_args, capsys):
 
     assert main(["detect", str(tmp_path / "missing.jpg"), "--checkpoint", str(run)]) == 2
     assert "missing.jpg" in capsys.readouterr().err
+
+
+def test_eval_classes_option(tmp_path):
+    from mapdet.cli import _class_list
+    from mapdet.config import ConfigError
+
+    assert _class_list(None) is None
+    assert _class_list("crack, pothole") == ("crack", "pothole")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("data:\n  kind: voc\n  classes: [a, b]\n")
+    assert _class_list(str(tmp_path / "run")) == ("a", "b")
+    (tmp_path / "voc.yaml").write_text("data:\n  kind: voc\n")
+    with pytest.raises(ConfigError, match="has no data.classes"):
+        _class_list(str(tmp_path / "voc.yaml"))
+    with pytest.raises(ConfigError, match="distinct comma-separated"):
+        _class_list("a,,b")

@@ -36,6 +36,12 @@ def _shorten(argv: list[str]) -> list[str]:
     return [*argv, "--no-progress", "-q"] if argv[0] == "eval" else [*argv, "-q"]
 
 
+def metrics_of(workdir: Path, run: str, metric: str) -> dict:
+    """Per-class APs of ``metric`` in the run's evaluation after training."""
+    metrics = json.loads((workdir / run / "eval" / "metrics.json").read_text())
+    return metrics["metrics"][metric]["per_class"]
+
+
 @pytest.fixture()
 def workdir(tmp_path, monkeypatch):
     """A fresh folder like a user's: the repo's configs/, mydata/ (VOC layout), mycoco/
@@ -54,7 +60,7 @@ def workdir(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_readme_own_data_commands(workdir, capsys):
     commands = readme_commands()
-    assert [c[0] for c in commands] == ["train", "eval", "detect", "train"]
+    assert [c[0] for c in commands] == ["train", "eval", "eval", "detect", "train"]
     for argv in commands:
         assert main(_shorten(argv)) == 0, argv
     capsys.readouterr()
@@ -69,6 +75,9 @@ def test_readme_own_data_commands(workdir, capsys):
                  "--no-progress"]) == 0
     by_cfg = json.loads((workdir / "runs/mine/eval_cfg/metrics.json").read_text())
     assert by_cfg["per_class"] == again["per_class"]
+    scores = json.loads((workdir / "scores.json").read_text())  # eval --voc --classes RUN
+    assert scores["per_class"] == pytest.approx(metrics_of(workdir, "runs/mine", "voc07"),
+                                                nan_ok=True)
     listing = json.loads((workdir / "detections" / "detections.json").read_text())
     assert list(listing) == ["photo.jpg"]
     assert all(d["class"] in CLASSES for d in listing["photo.jpg"])

@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true",
                    help="mode 2: parse the annotations without the annotation cache "
                    "($MAPDET_CACHE_DIR or ~/.cache/mapdet; checked by file size and mtime)")
+    p.add_argument("--classes", metavar="NAMES|RUN",
+                   help="mode 2: the data set's class names, comma-separated (crack,pothole), "
+                   "or a run directory / config.yaml whose data.classes to use (default: the "
+                   "20 VOC classes)")
     p.add_argument("--out", type=Path, help="mode 1: output directory; mode 2: metrics.json path")
     _add_common(p)
 
@@ -177,7 +181,8 @@ def _cmd_eval(args) -> int:
         report = score_result_files(args.voc, args.results, year=args.year,
                                     split=args.split or "test", metric=args.metric,
                                     devkit=not args.continuous, out=args.out,
-                                    cache_dir=False if args.no_cache else None)
+                                    cache_dir=False if args.no_cache else None,
+                                    class_names=_class_list(args.classes))
         print(report.table())
         return 0
     from mapdet.config import ConfigError
@@ -197,6 +202,29 @@ def _config_error(message: str) -> Exception:
     from mapdet.config import ConfigError
 
     return ConfigError(message)
+
+
+def _class_list(spec: str | None) -> tuple[str, ...] | None:
+    """``--classes``: comma-separated names, or a run directory / YAML config whose
+    ``data.classes`` is the list (the class list is saved with every run)."""
+    from mapdet.config import ConfigError, config_from_dict, read_yaml_mapping
+
+    if spec is None:
+        return None
+    path = Path(spec)
+    if path.is_dir() or path.suffix in (".yaml", ".yml"):
+        file = path / "config.yaml" if path.is_dir() else path
+        if not file.is_file():
+            raise ConfigError(f"--classes {spec}: no {file}")
+        classes = config_from_dict(read_yaml_mapping(file)).data.classes
+        if classes is None:
+            raise ConfigError(f"--classes {spec}: {file} has no data.classes (the 20 VOC "
+                              "classes); leave --classes out")
+        return tuple(classes)
+    names = tuple(n.strip() for n in spec.split(","))
+    if not all(names) or len(set(names)) != len(names):
+        raise ConfigError(f"--classes {spec!r}: expected distinct comma-separated names")
+    return names
 
 
 def _cmd_detect(args) -> int:

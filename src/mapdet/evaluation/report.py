@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,11 +77,13 @@ class EvalReport:
 def score_result_files(voc_root: str | Path, results_dir: str | Path, *, year: str = "2007",
                        split: str = "test", metric: str | None = None, devkit: bool = True,
                        out: str | Path | None = None,
-                       cache_dir: str | Path | None | bool = None) -> EvalReport:
+                       cache_dir: str | Path | None | bool = None,
+                       class_names: Sequence[str] | None = None) -> EvalReport:
     """Score devkit result files against a VOC-layout data set (``mapdet eval --voc``).
 
-    ``metric`` defaults to ``voc07`` for VOC 2007 and ``area`` otherwise. The class names are
-    VOC's 20, or the digits benchmark's when ``voc_root`` holds one. ``out``: the
+    ``metric`` defaults to ``voc07`` for VOC 2007 and ``area`` otherwise. ``class_names``:
+    the data set's classes (``mapdet eval --classes``); ``None``: VOC's 20, or the digits
+    benchmark's when ``voc_root`` holds one. ``out``: the
     ``metrics.json`` path (``{"mAP", "per_class", "metric", ...}``), written atomically.
     ``cache_dir``: the annotation cache (see
     :func:`~mapdet.evaluation.voc_annotations.load_voc_ground_truth`; ``False``: none).
@@ -89,11 +92,14 @@ def score_result_files(voc_root: str | Path, results_dir: str | Path, *, year: s
     from mapdet.evaluation.voc import evaluate_voc_results_dir
 
     metric = metric or ("voc07" if str(year) == "2007" else "area")
-    class_names: tuple[str, ...] = VOC_CLASSES
-    if (Path(voc_root) / "mapdet_digits.json").is_file():
+    if class_names is not None:
+        class_names = tuple(class_names)
+    elif (Path(voc_root) / "mapdet_digits.json").is_file():
         from mapdet.data.digits import DIGIT_CLASSES
 
         class_names = tuple(DIGIT_CLASSES)
+    else:
+        class_names = VOC_CLASSES
     result = evaluate_voc_results_dir(voc_root, split, results_dir, metric,
                                       convention="devkit" if devkit else "continuous",
                                       year=year, class_names=class_names, cache_dir=cache_dir)
