@@ -76,7 +76,7 @@ def _stack_classes(parts) -> DetectorOutputs:
         boxes=np.concatenate([p.boxes for p in parts], 1),
         image_ids=parts[0].image_ids,
         gt_boxes=np.concatenate([p.gt_boxes for p in parts]),
-        gt_labels=np.concatenate([p.gt_labels + o for p, o in zip(parts, offs)]),
+        gt_labels=np.concatenate([p.gt_labels + o for p, o in zip(parts, offs, strict=False)]),
         gt_image_ids=np.concatenate([p.gt_image_ids for p in parts]),
         gt_difficult=np.concatenate([p.gt_difficult for p in parts]),
     )
@@ -89,10 +89,10 @@ def _concat_images(parts) -> DetectorOutputs:
     return DetectorOutputs(
         probs=np.concatenate([p.probs for p in parts]),
         boxes=np.concatenate([p.boxes for p in parts]),
-        image_ids=np.concatenate([p.image_ids + o for p, o in zip(parts, offs)]),
+        image_ids=np.concatenate([p.image_ids + o for p, o in zip(parts, offs, strict=False)]),
         gt_boxes=np.concatenate([p.gt_boxes for p in parts]),
         gt_labels=np.concatenate([p.gt_labels for p in parts]),
-        gt_image_ids=np.concatenate([p.gt_image_ids + o for p, o in zip(parts, offs)]),
+        gt_image_ids=np.concatenate([p.gt_image_ids + o for p, o in zip(parts, offs, strict=False)]),
         gt_difficult=np.concatenate([p.gt_difficult for p in parts]),
     )
 

@@ -5,8 +5,9 @@ import pytest
 from hypothesis import given, settings
 from strategies import detection_instances
 
-from mapdet import ap_after_nms
+from mapdet import ap_after_nms, ap_pseudo_gradient
 from mapdet.core.ap import ap_from_labels, ap_weights, average_precision
+from mapdet.core.apnms import ap_pseudo_gradient_multiclass
 from mapdet.core.boxes import box_iou
 from mapdet.core.nms import greedy_nms
 from mapdet.core.reference import ap_after_nms_reference
@@ -121,3 +122,27 @@ def test_bad_input_names_the_argument(kwargs, message):
     with pytest.raises(ValueError) as err:
         ap_after_nms(**args)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, float("nan"), [0.5, 1.2]])
+def test_iou_thresholds_outside_unit_interval_are_refused(bad):
+    s, b, ids = np.array([0.9]), np.array([[0.0, 0.0, 1.0, 1.0]]), np.array([0])
+    gt = np.array([[0.0, 0.0, 1.0, 1.0]])
+    with pytest.raises(ValueError, match="match_iou must be in"):
+        ap_after_nms(s, b, ids, gt, [0], match_iou=bad)
+    if np.ndim(bad) == 0:
+        with pytest.raises(ValueError, match="nms_iou must be in"):
+            ap_pseudo_gradient(s, b, ids, gt, [0], nms_iou=bad)
+
+
+def test_fractional_ids_are_refused_not_truncated():
+    s, b = np.array([0.9, 0.8]), np.array([[0.0, 0.0, 1.0, 1.0]] * 2)
+    gt = np.array([[0.0, 0.0, 1.0, 1.0]])
+    with pytest.raises(ValueError, match="image_ids must be integers, got 0.5"):
+        ap_after_nms(s, b, [0, 0.5], gt, [0])
+    with pytest.raises(ValueError, match="gt_image_ids must be integers"):
+        ap_pseudo_gradient(s, b, [0, 1], gt, [1.5])
+    with pytest.raises(ValueError, match="gt_labels must be integers"):
+        ap_pseudo_gradient_multiclass(s[:, None], b, [0, 1], gt, [0.2], [0])
+    # integral floats are exact and accepted
+    assert ap_after_nms(s, b, np.array([0.0, 1.0]), gt, np.array([0.0])) == 1.0

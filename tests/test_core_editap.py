@@ -74,7 +74,7 @@ def _fast(x, pool=None):
 
 
 def _reference(x):
-    inserts = [(g, s, w) for g, s, w in zip(x["ins_gap"], x["ins_sec"], x["ins_w"])]
+    inserts = [(g, s, w) for g, s, w in zip(x["ins_gap"], x["ins_sec"], x["ins_w"], strict=True)]
     if x["mv"] >= 0:
         inserts.append((x["mv_gap"], -1, x["mv"]))
     return edited_ap_reference(x["det"], x["rem"], inserts, x["best"], x["best_iou"],

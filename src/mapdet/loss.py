@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mapdet.core.ap import check_ap_method, match_thresholds
+from mapdet.core.ap import check_ap_method, check_iou_threshold, match_thresholds
 from mapdet.core.apnms import ap_pseudo_gradient_multiclass
 from mapdet.core.pseudograd import check_min_step
 
@@ -118,13 +118,6 @@ def _to_numpy(name: str, value, dtype) -> np.ndarray:
         if arr.size and not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
             raise ValueError(f"{name} must be integers, got dtype {arr.dtype}")
     return np.asarray(value, dtype=dtype)
-
-
-def _check_iou(name: str, value) -> None:
-    """``value``: one IoU threshold or a sequence of them, each in (0, 1]."""
-    v = np.atleast_1d(np.asarray(value, dtype=np.float64))
-    if v.size and not np.all((v > 0) & (v <= 1)):
-        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
 
 
 def windows_from_tensors(probs, boxes, image_ids, targets) -> Windows:
@@ -254,8 +247,7 @@ class MAPLoss(nn.Module):
         super().__init__()
         check_ap_method(ap_method)
         match_thresholds(match_iou)
-        _check_iou("nms_iou", nms_iou)
-        _check_iou("match_iou", match_iou)
+        check_iou_threshold("nms_iou", nms_iou)
         check_min_step(min_step)
         if form not in LOSS_FORMS:
             raise ValueError(f"form must be one of {list(LOSS_FORMS)}, got {form!r}")

@@ -46,7 +46,9 @@ __all__ = [
     "average_precision",
     "best_ground_truth",
     "image_groups",
+    "as_integers",
     "check_ap_method",
+    "check_iou_threshold",
     "label_detections",
     "match_detections",
     "match_thresholds",
@@ -64,13 +66,36 @@ def check_ap_method(ap_method: str) -> str:
     return ap_method
 
 
-def match_thresholds(match_iou: float | Sequence[float]) -> np.ndarray:
-    """``match_iou`` (a number or a sequence) as a float64 array ``(T,)``, checked."""
-    thr = np.atleast_1d(np.asarray(match_iou, dtype=np.float64))
+def check_iou_threshold(name: str, value: float | Sequence[float]) -> np.ndarray:
+    """``value`` (one IoU threshold or a sequence) as a float64 array ``(T,)``, each in (0, 1].
+
+    Raises ``ValueError`` naming ``name`` otherwise (an IoU never exceeds 1, so a threshold
+    above it, or at or below 0, silently makes every comparison the same)."""
+    thr = np.atleast_1d(np.asarray(value, dtype=np.float64))
     if thr.ndim != 1 or thr.size == 0:
-        raise ValueError(f"match_iou must be a number or a non-empty sequence, got {match_iou!r}")
-    check_finite("match_iou", thr)
+        raise ValueError(f"{name} must be a number or a non-empty sequence, got {value!r}")
+    if not np.all((thr > 0.0) & (thr <= 1.0)):  # also rejects NaN
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
     return thr
+
+
+def match_thresholds(match_iou: float | Sequence[float]) -> np.ndarray:
+    """``match_iou`` (a number or a sequence) as a float64 array ``(T,)``, each in (0, 1]."""
+    return check_iou_threshold("match_iou", match_iou)
+
+
+def as_integers(name: str, values) -> np.ndarray:
+    """``values`` as a flat int64 array; ``ValueError`` naming ``name`` when a value is not an
+    integer (a float id such as 1.7 would otherwise be truncated silently to 1)."""
+    arr = np.asarray(values).reshape(-1)
+    if arr.dtype == bool or np.issubdtype(arr.dtype, np.integer):
+        return arr.astype(np.int64)
+    if not np.issubdtype(arr.dtype, np.number):
+        raise ValueError(f"{name} must be integers, got dtype {arr.dtype}")
+    if arr.size and not (np.all(np.isfinite(arr)) and np.all(arr == np.round(arr))):
+        bad = arr[~(np.isfinite(arr) & (arr == np.round(arr)))][0]
+        raise ValueError(f"{name} must be integers, got {float(bad)!r}")
+    return arr.astype(np.int64)
 
 
 class GroundTruth:
@@ -86,7 +111,7 @@ class GroundTruth:
     def __init__(self, boxes, image_ids, difficult=None):
         self.boxes = as_boxes("gt_boxes", boxes)
         g = self.boxes.shape[0]
-        self.image_ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
+        self.image_ids = as_integers("gt_image_ids", image_ids)
         if self.image_ids.shape[0] != g:
             raise ValueError(
                 f"gt_image_ids has {self.image_ids.shape[0]} entries, gt_boxes has {g} rows"

@@ -18,8 +18,10 @@ import numpy as np
 from mapdet.core.ap import (
     GroundTruth,
     ap_weights,
+    as_integers,
     best_ground_truth,
     check_ap_method,
+    check_iou_threshold,
     image_groups,
     match_thresholds,
 )
@@ -49,7 +51,9 @@ class _ClassProblem:
         if min_step is not None:
             self.mu = check_min_step(min_step)
         self.tau = _check_number("score_threshold", score_threshold)
-        self.nu = _check_number("nms_iou", nms_iou)
+        if np.ndim(nms_iou) != 0:
+            raise ValueError(f"nms_iou must be one number, got {nms_iou!r}")
+        self.nu = float(check_iou_threshold("nms_iou", nms_iou)[0])
         self.scores = np.asarray(scores, dtype=np.float64)
         if self.scores.ndim != 1:
             raise ValueError(f"scores must have shape (N,), got {self.scores.shape}")
@@ -57,7 +61,7 @@ class _ClassProblem:
         n = self.scores.shape[0]
         if shared is None:
             self.boxes = np.ascontiguousarray(as_boxes("boxes", boxes, n))
-            image_ids = np.asarray(image_ids).reshape(-1)
+            image_ids = as_integers("image_ids", image_ids)
             if image_ids.shape[0] != n:
                 raise ValueError(f"image_ids has {image_ids.shape[0]} entries, scores has {n}")
         else:
@@ -225,7 +229,7 @@ def class_problems(scores, boxes, image_ids, gt_boxes, gt_labels, gt_image_ids,
     if boxes.shape not in ((n, k, 4), (n, 4)):
         raise ValueError(f"boxes must have shape (N, K, 4) or (N, 4) = ({n}, {k}, 4) or ({n}, 4), "
                          f"got {boxes.shape}")
-    gt_labels = np.asarray(gt_labels, dtype=np.int64).reshape(-1)
+    gt_labels = as_integers("gt_labels", gt_labels)
     gt_boxes = as_boxes("gt_boxes", gt_boxes)
     if gt_labels.shape[0] != gt_boxes.shape[0]:
         raise ValueError(f"gt_labels has {gt_labels.shape[0]} entries, gt_boxes has "
@@ -233,7 +237,7 @@ def class_problems(scores, boxes, image_ids, gt_boxes, gt_labels, gt_image_ids,
     if gt_labels.size and (gt_labels.min() < 0 or gt_labels.max() >= k):
         raise ValueError(f"gt_labels must be in 0..{k - 1}, got values in "
                          f"[{gt_labels.min()}, {gt_labels.max()}]")
-    gt_image_ids = np.asarray(gt_image_ids, dtype=np.int64).reshape(-1)
+    gt_image_ids = as_integers("gt_image_ids", gt_image_ids)
     difficult = (np.zeros(gt_labels.size, dtype=bool) if gt_difficult is None
                  else np.asarray(gt_difficult, dtype=bool).reshape(-1))
     if gt_image_ids.shape[0] != gt_labels.shape[0]:
@@ -244,7 +248,7 @@ def class_problems(scores, boxes, image_ids, gt_boxes, gt_labels, gt_image_ids,
                          f"{gt_labels.shape[0]}")
     # Once for all classes: the boxes checked, the image ids and their groups.
     check_boxes("boxes", boxes.reshape(-1, 4))
-    ids = np.asarray(image_ids).reshape(-1)
+    ids = as_integers("image_ids", image_ids)
     if ids.shape[0] != n:
         raise ValueError(f"image_ids has {ids.shape[0]} entries, scores has {n}")
     ids = ids.astype(np.int64)

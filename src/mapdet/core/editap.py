@@ -43,8 +43,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["COUNT", "INS_GAP", "INS_SEC", "INS_W", "REM", "SHIFT_RANGE", "ap_of_list", "build_base", "edited_ap", "make_edits", "make_pool",
-           "make_scratch"]
+__all__ = ["COUNT", "INS_GAP", "INS_SEC", "INS_W", "REM", "SHIFT_RANGE", "ap_of_list",
+           "build_base", "edited_ap", "make_edits", "make_pool", "make_scratch"]
 
 #: Shifts ``(a, b)`` with ``|a|, |b| <= SHIFT_RANGE`` get a cached segment structure.
 SHIFT_RANGE = 3

@@ -80,7 +80,7 @@ def edited_ap_reference(det, removed, inserts, best, best_iou, gt_difficult, the
     position ``gap`` (same gap: by ``sec`` ascending). Built and labelled from scratch."""
     removed = set(int(p) for p in removed)
     by_gap: dict[int, list] = {}
-    for gap, sec, w in sorted(inserts):
+    for gap, _sec, w in sorted(inserts):
         by_gap.setdefault(int(gap), []).append(int(w))
     seq = []
     for p in range(len(det) + 1):
