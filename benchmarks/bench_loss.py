@@ -92,7 +92,8 @@ def _concat_images(parts) -> DetectorOutputs:
         image_ids=np.concatenate([p.image_ids + o for p, o in zip(parts, offs, strict=False)]),
         gt_boxes=np.concatenate([p.gt_boxes for p in parts]),
         gt_labels=np.concatenate([p.gt_labels for p in parts]),
-        gt_image_ids=np.concatenate([p.gt_image_ids + o for p, o in zip(parts, offs, strict=False)]),
+        gt_image_ids=np.concatenate(
+            [p.gt_image_ids + o for p, o in zip(parts, offs, strict=False)]),
         gt_difficult=np.concatenate([p.gt_difficult for p in parts]),
     )
 

@@ -199,6 +199,21 @@ def test_pretrained_offline_gives_clear_error(name, monkeypatch, tmp_path):
     assert str(tmp_path) in message
 
 
+def test_pretrained_faster_rcnn_offline_gives_clear_error(monkeypatch, tmp_path):
+    from mapdet.models.faster_rcnn import build_faster_rcnn
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty cache
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(PretrainedWeightsUnavailableError) as info:
+        build_faster_rcnn("resnet18_fpn", 2, pretrained=True)
+    message = str(info.value)
+    assert "Faster R-CNN backbone 'resnet18_fpn'" in message and str(tmp_path) in message
+
+
 # ----------------------------------------------------------------------------- losses
 
 

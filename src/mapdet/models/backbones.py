@@ -43,6 +43,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "DetectorParts",
+    "fetch_weights",
     "PretrainedWeightsUnavailableError",
     "ResNetC5Head",
     "SmallBackbone",
@@ -122,7 +123,17 @@ def load_imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
         PretrainedWeightsUnavailableError: no cached file and the download failed (offline).
         ValueError: ``name`` has no pretrained weights.
     """
-    weights = _weights_enum(name)
+    return fetch_weights(_weights_enum(name), f"backbone {name!r}")
+
+
+def fetch_weights(weights, what: str) -> dict[str, torch.Tensor]:
+    """The state dict of torchvision ``weights`` (a ``WeightsEnum`` member): the file cached
+    under ``$TORCH_HOME/hub/checkpoints`` when present, else a download with a 30 s socket
+    timeout. ``what`` names the model part in the error.
+
+    Raises:
+        PretrainedWeightsUnavailableError: no cached file and the download failed (offline).
+    """
     file_name = os.path.basename(urlparse(weights.url).path)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / file_name
     try:
@@ -132,7 +143,7 @@ def load_imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
             )
     except OSError as err:  # URLError, HTTPError, socket timeouts, unreachable network
         raise PretrainedWeightsUnavailableError(
-            f"pretrained ImageNet weights for backbone {name!r} ({weights!r}) are not available: "
+            f"pretrained ImageNet weights for {what} ({weights!r}) are not available: "
             f"no cached file at {cached} and the download from {weights.url} failed ({err}). "
             f"Set `pretrained: false` in the model config to train from scratch, or point "
             f"TORCH_HOME at a directory whose hub/checkpoints/ holds {file_name}."

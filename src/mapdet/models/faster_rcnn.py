@@ -31,10 +31,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import os
 from collections.abc import Sequence
-from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -51,11 +48,7 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, roi_pool
 
-from mapdet.models.backbones import (
-    PretrainedWeightsUnavailableError,
-    SmallBackbone,
-    _socket_timeout,
-)
+from mapdet.models.backbones import SmallBackbone, fetch_weights
 
 __all__ = [
     "FASTER_RCNN_BACKBONES",
@@ -68,7 +61,6 @@ __all__ = [
 FASTER_RCNN_BACKBONES = (
     "resnet50_fpn", "resnet50_fpn_v2", "mobilenet_v3_large_fpn", "resnet18_fpn", "small",
 )  # fmt: skip
-_DOWNLOAD_TIMEOUT_S = 30.0
 
 
 def _backbone_weights(name: str):
@@ -172,18 +164,7 @@ def _check_detector_kwargs(kwargs: dict) -> None:
 
 def _fetch_weights(backbone: str, weights) -> None:
     """Put ``weights`` in torch's hub cache (download with a timeout) or raise clearly."""
-    file_name = os.path.basename(urlparse(weights.url).path)
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / file_name
-    try:
-        with _socket_timeout(_DOWNLOAD_TIMEOUT_S):
-            weights.get_state_dict(progress=False, check_hash=True)
-    except OSError as err:  # URLError, HTTPError, socket timeouts, unreachable network
-        raise PretrainedWeightsUnavailableError(
-            f"pretrained ImageNet weights for Faster R-CNN backbone {backbone!r} ({weights!r}) "
-            f"are not available: no cached file at {cached} and the download from "
-            f"{weights.url} failed ({err}). Set `pretrained: false` in the model config to "
-            f"train from scratch, or point TORCH_HOME at a directory whose hub/checkpoints/ "
-            f"holds {file_name}.") from err
+    fetch_weights(weights, f"Faster R-CNN backbone {backbone!r}")
 
 
 def _small_faster_rcnn(num_classes: int, **kw) -> FasterRCNN:
