@@ -50,6 +50,7 @@ def test_layout_and_voc_round_trip(small_root):
         assert rec.difficult.tolist() == [o["difficult"] for o in objects]
     manifest = json.loads((small_root / MANIFEST_NAME).read_text())
     assert manifest["params"]["seed"] == 0 and manifest["classes"] == list(DIGIT_CLASSES)
+    assert (small_root / "classes.txt").read_text().split() == list(DIGIT_CLASSES)
 
 
 def test_boxes_inside_images_and_counts(small_root):

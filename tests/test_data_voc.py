@@ -273,3 +273,17 @@ def test_record_validation():
         ImageRecord("a", Path("a.jpg"), 10, 10, np.zeros((2, 4)), np.zeros(1), np.zeros(2))
     with pytest.raises(ValueError, match="labels must be in"):
         DetectionDataset(("a",), [ImageRecord("a", "a.jpg", 5, 5, [[0, 0, 1, 1]], [3], [False])])
+
+
+def test_class_file_lists_the_classes_and_names_itself_when_bad(tmp_path):
+    from mapdet.data.voc import read_class_file
+
+    assert read_class_file(tmp_path) is None
+    (tmp_path / "classes.txt").write_text("crack\n\npothole\n")
+    assert read_class_file(tmp_path) == ("crack", "pothole")
+    (tmp_path / "classes.txt").write_text("crack\ncrack\n")
+    with pytest.raises(AnnotationError, match=r"classes.txt: class 'crack' is listed more"):
+        read_class_file(tmp_path)
+    (tmp_path / "classes.txt").write_text("\n")
+    with pytest.raises(AnnotationError, match="no class names"):
+        read_class_file(tmp_path)

