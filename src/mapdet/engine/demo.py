@@ -139,11 +139,11 @@ class DemoPlan:
     overrides: tuple[str, ...] = ()
 
 
-QUICK_BASELINE_ITERATIONS = 1000
+QUICK_BASELINE_ITERATIONS = 900
 QUICK_OVERRIDES = (
     "data.digits.num_train=150", "data.digits.num_test=60", "data.digits.max_digits=4",
     "data.digits.scale_range=[0.25, 0.45]", "data.digits.contrast_range=[0.5, 0.9]",
-    "train.lr_steps=[750]", "train.checkpoint_every=0",
+    "train.lr_steps=[675]", "train.checkpoint_every=0",
 )
 FULL = DemoPlan(baseline_iterations=3000, finetune_iterations=1000, finetune_lr=0.001)
 #: About 2 minutes on 2 cores: fewer, larger and higher-contrast digits (a benchmark that a
