@@ -27,11 +27,23 @@ __all__ = [
     "ConcatDataset",
     "DetectionDataset",
     "ImageRecord",
+    "first_repeated",
     "image_size",
     "read_image",
 ]
 
 logger = logging.getLogger(__name__)
+
+
+def first_repeated(items):
+    """The first item of ``items`` (an iterable of hashables) equal to an earlier one, or
+    ``None`` when all are distinct."""
+    seen = set()
+    for item in items:
+        if item in seen:
+            return item
+        seen.add(item)
+    return None
 
 
 class AnnotationError(ValueError):

@@ -23,7 +23,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from mapdet.data.base import AnnotationError, DetectionDataset, ImageRecord, image_size
+from mapdet.data.base import (
+    AnnotationError,
+    DetectionDataset,
+    ImageRecord,
+    first_repeated,
+    image_size,
+)
 
 __all__ = [
     "CLASS_FILE",
@@ -63,11 +69,9 @@ def read_class_file(root: str | Path) -> tuple[str, ...] | None:
     names = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
     if not names:
         raise AnnotationError(f"{path}: no class names")
-    seen: set[str] = set()
-    for name in names:
-        if name in seen:
-            raise AnnotationError(f"{path}: class {name!r} is listed more than once")
-        seen.add(name)
+    repeated = first_repeated(names)
+    if repeated is not None:
+        raise AnnotationError(f"{path}: class {repeated!r} is listed more than once")
     return names
 
 
@@ -395,11 +399,9 @@ def read_split(base: str | Path, split: str) -> list[str]:
             f"split file {split_file} not found; available splits: {', '.join(available) or 'none'}"
         )
     ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
-    seen: set[str] = set()
-    for i in ids:
-        if i in seen:
-            raise AnnotationError(f"{split_file}: image id {i!r} is listed more than once")
-        seen.add(i)
+    repeated = first_repeated(ids)
+    if repeated is not None:
+        raise AnnotationError(f"{split_file}: image id {repeated!r} is listed more than once")
     return ids
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from mapdet.data.base import first_repeated
 from mapdet.data.proposals.cache import (
     DEFAULT_CHUNK_SIZE,
     _cache_meta,
@@ -33,11 +34,9 @@ logger = logging.getLogger(__name__)
 
 def _dataset_ids(dataset: Any) -> list[str]:
     ids = [str(r.image_id) for r in dataset.records]
-    seen: set[str] = set()
-    for image_id in ids:
-        if image_id in seen:
-            raise ValueError(f"the data set has duplicate image id {image_id!r}")
-        seen.add(image_id)
+    repeated = first_repeated(ids)
+    if repeated is not None:
+        raise ValueError(f"the data set has duplicate image id {repeated!r}")
     return ids
 
 
