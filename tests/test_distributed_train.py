@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,54 @@ def test_sharded_evaluation_equals_single_process(tmp_path):
         assert got["mAP"] == single["mAP"]
         assert got["metrics"] == single["metrics"]
     assert (tmp_path / "ddp_eval" / "metrics.json").is_file()
+
+
+def _diverging_rank(rank: int, world: int, port: int, root: str) -> None:
+    """Rank 1's loss turns NaN at the third iteration; rank 0's stays finite."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import mapdet.engine.train as train_mod
+    from mapdet.engine.train import TrainingDiverged
+
+    real = train_mod.softmax_loss
+    calls = []
+
+    def poisoned(model, batch, cfg, generator):
+        loss, stats = real(model, batch, cfg, generator)
+        calls.append(1)
+        if rank == 1 and len(calls) == 3:
+            loss = loss * float("nan")
+        return loss, stats
+
+    train_mod.softmax_loss = poisoned
+    cfg = load_config(CONFIGS / "digits.yaml", _overrides(Path(root), "softmax", 1))
+    try:
+        train(cfg, out=Path(root) / "ddp_nan", progress=False)
+        outcome = "finished"
+    except TrainingDiverged as e:
+        outcome = str(e)
+    (Path(root) / f"outcome_rank{rank}.txt").write_text(outcome)
+    torch.distributed.destroy_process_group()
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+    # Without the cross-rank agreement, rank 1 leaves the loop while rank 0 waits in the
+    # backward all-reduce: the join below would time out instead of both ranks stopping.
+    cfg1 = load_config(CONFIGS / "digits.yaml", _overrides(tmp_path, "softmax", 2))
+    build_proposals(cfg1, build_dataset(cfg1, "train"), "train")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(_diverging_rank, args=(2, port, str(tmp_path)), nprocs=2,
+                             start_method="spawn", join=False)
+    deadline = time.monotonic() + 240
+    try:
+        while not ctx.join(timeout=1):
+            assert time.monotonic() < deadline, "a rank is still waiting for its peer"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    outcomes = [(tmp_path / f"outcome_rank{r}.txt").read_text() for r in range(2)]
+    assert all("training diverged" in o and "iteration 3" in o for o in outcomes), outcomes
+    assert "another rank" in outcomes[0] and "the loss is nan" in outcomes[1]

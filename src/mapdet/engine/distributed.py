@@ -18,7 +18,8 @@ import torch.distributed as dist
 
 from mapdet.engine.schedule import DataOrder
 
-__all__ = ["DistEnv", "RankOrder", "barrier", "current_env", "gather_dicts", "init_distributed"]
+__all__ = ["DistEnv", "RankOrder", "all_ranks", "barrier", "current_env", "gather_dicts",
+           "init_distributed"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,21 @@ def gather_dicts(part: dict, env: DistEnv) -> dict:
     for p in parts:
         merged.update(p or {})
     return merged
+
+
+def all_ranks(flag: bool, env: DistEnv, device: torch.device) -> bool:
+    """``True`` when ``flag`` is true on every rank: one all-reduce (MIN) of one integer.
+
+    Every rank must call it at the same point. Used to agree on a decision that one rank
+    alone could otherwise take (stopping on a non-finite loss), so that no rank is left
+    waiting in a collective for a peer that has already left the loop. ``device`` is where
+    the backend expects its tensors (CUDA for nccl, CPU for gloo).
+    """
+    if not env.distributed:
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
 
 
 def barrier(env: DistEnv) -> None:

@@ -47,7 +47,7 @@ from mapdet.engine.builders import (
     set_threads,
 )
 from mapdet.engine.data_loading import make_train_loader
-from mapdet.engine.distributed import DistEnv, RankOrder, barrier, init_distributed
+from mapdet.engine.distributed import DistEnv, RankOrder, all_ranks, barrier, init_distributed
 from mapdet.engine.faster_rcnn import faster_rcnn_loss
 from mapdet.engine.logger import MetricsLogger, add_file_handler
 from mapdet.engine.run_dir import RESUME_FREE_KEYS, RunDirectory, resume_differences
@@ -202,14 +202,22 @@ def load_model_weights(model: torch.nn.Module, path: str | Path) -> dict[str, An
 # --------------------------------------------------------------------------------------------
 
 
-def _check_finite(loss: torch.Tensor, iteration: int, stats: dict[str, float], last: Path | None):
-    if not torch.isfinite(loss).all():
-        parts = ", ".join(f"{k}={v:.4g}" for k, v in stats.items() if "loss" in k)
-        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-        raise TrainingDiverged(
-            f"training diverged: the loss is {loss.item()} at iteration {iteration + 1} "
-            f"({parts}); stopped without saving; {where}. Try a lower "
-            f"{'loss.lr' if 'loss_map' in stats else 'train.lr'}.")
+def _check_finite(loss: torch.Tensor, iteration: int, stats: dict[str, float], last: Path | None,
+                  env: DistEnv) -> None:
+    """Stop with :class:`TrainingDiverged` when the loss is not finite, on this rank or any
+    other (under DDP every rank stops at the same iteration, before the backward pass's
+    all-reduce, instead of waiting there for a rank that has left)."""
+    finite_here = bool(torch.isfinite(loss).all())
+    if all_ranks(finite_here, env, loss.device):
+        return
+    parts = ", ".join(f"{k}={v:.4g}" for k, v in stats.items() if "loss" in k)
+    where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+    value = (f"the loss is {loss.item()}" if not finite_here
+             else f"the loss of another rank is not finite (rank {env.rank}: {loss.item():.4g})")
+    raise TrainingDiverged(
+        f"training diverged: {value} at iteration {iteration + 1} ({parts}); stopped "
+        f"without saving; {where}. Try a lower "
+        f"{'loss.lr' if 'loss_map' in stats else 'train.lr'}.")
 
 
 def _generator(seed: int, iteration: int, slot: int) -> torch.Generator:
@@ -368,7 +376,7 @@ def _train(cfg: Config, run_dir: Path, resume_state, callbacks, progress: bool) 
                 loss, stats = softmax_loss(train_model, batch, cfg, gens)
             else:
                 loss, stats = map_loss(train_model, batch, cfg, criterion, gens)
-            _check_finite(loss, it, stats, last_ckpt)
+            _check_finite(loss, it, stats, last_ckpt, env)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if t.clip_grad_norm > 0:
