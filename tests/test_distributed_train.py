@@ -149,3 +149,41 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
     outcomes = [(tmp_path / f"outcome_rank{r}.txt").read_text() for r in range(2)]
     assert all("training diverged" in o and "iteration 3" in o for o in outcomes), outcomes
     assert "another rank" in outcomes[0] and "the loss is nan" in outcomes[1]
+
+
+def _resume_rank(rank: int, world: int, port: int, root: str, name: str, stop: int,
+                 resume: bool) -> None:
+    """Train (or resume) ``name`` for ``stop`` iterations on ``world`` gloo ranks."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    overrides = [*_overrides(Path(root), "map", 1), "model.dropout=0.5",
+                 "train.checkpoint_every=2", f"train.iterations={stop}"]
+    cfg = load_config(CONFIGS / "digits.yaml", overrides)
+    out = Path(root) / name
+    train(cfg, out=out, resume=resume or None, progress=False)
+    torch.distributed.destroy_process_group()
+
+
+def _spawn(fn, *args) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(fn, args=(2, port, *args), nprocs=2, start_method="spawn")
+
+
+def test_ddp_resume_restores_every_ranks_random_state(tmp_path):
+    # Dropout draws from the global torch generator; in the mAP stage every proposal goes
+    # through the head, so the ranks (different images, different proposal counts) draw
+    # different amounts and their generators differ by the time of the checkpoint. A resume
+    # that gave every rank rank 0's state would then drop different units than the
+    # uninterrupted run.
+    cfg = load_config(CONFIGS / "digits.yaml", _overrides(tmp_path, "map", 2))
+    build_proposals(cfg, build_dataset(cfg, "train"), "train")
+    _spawn(_resume_rank, str(tmp_path), "full", 4, False)
+    _spawn(_resume_rank, str(tmp_path), "cut", 2, False)
+    _spawn(_resume_rank, str(tmp_path), "cut", 4, True)
+    full = torch.load(tmp_path / "full" / "checkpoints" / "iter_0000004.pt", weights_only=False)
+    cut = torch.load(tmp_path / "cut" / "checkpoints" / "iter_0000004.pt", weights_only=False)
+    assert len(cut["rng_per_rank"]) == 2
+    for name, value in full["model"].items():
+        assert torch.equal(cut["model"][name], value), f"{name}: resumed DDP run differs"

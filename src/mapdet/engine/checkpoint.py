@@ -6,6 +6,9 @@ A checkpoint is a dict saved with :func:`torch.save`::
      "config": nested dict, "rng": seeding.get_rng_state(), "data_position": int,
      "num_classes": int, "class_names": [...], "metrics": {...}}
 
+plus, when they apply, ``"rng_per_rank"`` (DDP: every rank's generator states, rank order)
+and ``"loss_memory"`` (the mAP loss's AP memory).
+
 Writes are atomic: the bytes go to a temporary file in the same directory, are flushed and
 fsynced, and the file is renamed over the target with :func:`os.replace` (then the directory
 is fsynced). A crash during the write leaves the previous checkpoint as it was; a leftover

@@ -47,7 +47,14 @@ from mapdet.engine.builders import (
     set_threads,
 )
 from mapdet.engine.data_loading import make_train_loader
-from mapdet.engine.distributed import DistEnv, RankOrder, all_ranks, barrier, init_distributed
+from mapdet.engine.distributed import (
+    DistEnv,
+    RankOrder,
+    all_ranks,
+    barrier,
+    gather_dicts,
+    init_distributed,
+)
 from mapdet.engine.faster_rcnn import faster_rcnn_loss
 from mapdet.engine.logger import MetricsLogger, add_file_handler
 from mapdet.engine.run_dir import RESUME_FREE_KEYS, RunDirectory, resume_differences
@@ -156,7 +163,8 @@ def _resumed_config(cfg: Config, saved: Config, checkpoint: str | Path) -> Confi
 
 
 def _state(model, optimizer, scheduler, cfg: Config, iteration: int, order: DataOrder,
-           class_names, stats: dict[str, float], criterion=None) -> dict[str, Any]:
+           class_names, stats: dict[str, float], criterion=None,
+           rng_per_rank: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     state = {
         "iteration": iteration,
         "model": model.state_dict(),
@@ -169,10 +177,25 @@ def _state(model, optimizer, scheduler, cfg: Config, iteration: int, order: Data
         "class_names": list(class_names),
         "metrics": {k: float(v) for k, v in stats.items() if isinstance(v, (int, float))},
     }
+    if rng_per_rank is not None:
+        state["rng_per_rank"] = rng_per_rank
     memory = loss_state(criterion)
     if memory is not None:
         state["loss_memory"] = memory
     return state
+
+
+def _rank_rng_state(state: dict[str, Any], env: DistEnv) -> dict[str, Any]:
+    """The generator state this rank resumes from: its own under DDP when the checkpoint was
+    written by as many ranks (each rank's dropout draws differ), else the saved ``rng``."""
+    per_rank = state.get("rng_per_rank")
+    if per_rank is not None and len(per_rank) == env.world_size:
+        return per_rank[env.rank]
+    if env.distributed or per_rank is not None:
+        log.warning("the checkpoint holds the random state of %s rank(s), this job has %d: "
+                    "every rank resumes from rank 0's (dropout masks will differ from an "
+                    "uninterrupted run)", len(per_rank) if per_rank else 1, env.world_size)
+    return state["rng"]
 
 
 def loss_state(criterion) -> dict[str, Any] | None:
@@ -340,7 +363,7 @@ def _train(cfg: Config, run_dir: Path, resume_state, callbacks, progress: bool) 
         model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
-        set_rng_state(resume_state["rng"])
+        set_rng_state(_rank_rng_state(resume_state, env))
         load_loss_state(criterion, resume_state.get("loss_memory"))
         start = int(resume_state["iteration"])
         if int(resume_state.get("data_position", order.position(start))) != order.position(start):
@@ -428,13 +451,17 @@ def _save(model, optimizer, scheduler, cfg, done, order, dataset, stats, ckpt_di
           criterion=None, env: DistEnv | None = None) -> Path:
     """Write a checkpoint (rank 0 only; the others wait for it) and return its path."""
     env = env or DistEnv()
+    rng_per_rank = None
+    if env.distributed:  # every rank's generators, so that a resume restores each its own
+        states = gather_dicts({env.rank: get_rng_state()}, env)
+        rng_per_rank = [states[r] for r in range(env.world_size)]
     if not env.is_main:
         barrier(env)
         return ckpt.checkpoint_path(ckpt_dir, done)
     path = ckpt.save_checkpoint(
         ckpt.checkpoint_path(ckpt_dir, done),
         _state(model, optimizer, scheduler, cfg, done, order, dataset.class_names, stats,
-               criterion),
+               criterion, rng_per_rank),
     )
     ckpt.write_last_pointer(ckpt_dir, path)
     ckpt.prune_checkpoints(ckpt_dir, cfg.train.keep_checkpoints)
