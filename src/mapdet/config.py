@@ -210,6 +210,8 @@ class LossConfig:
     rois_per_image`` sampled foreground proposals per image, ``map_loss_weight`` the mAP
     term. ``memory``: detections of that many past minibatches (scores detached) join the AP
     context. ``num_threads``: threads for the per-class AP computation (0: all cores).
+    ``direction``: the pseudo-partial's rule (``nearest_improvement``, the method's; the
+    ablation variants ``nearest_change`` and ``both_summed``, see :mod:`mapdet.core.pseudograd`).
 
     The mAP stage's own recipe (used whenever ``train.loss`` is ``map``):
     ``normalization`` scales the pseudo-gradient (``none`` | ``nonzero`` | ``per_class`` |
@@ -224,6 +226,8 @@ class LossConfig:
     match_iou: float = 0.5
     ap_method: Literal["area", "voc07", "r101"] = "area"
     min_step: float = 0.001
+    direction: Literal["nearest_improvement", "nearest_change", "both_summed"] = (
+        "nearest_improvement")
     form: Literal["one_minus", "neg_log"] = "one_minus"
     map_loss_weight: float = 1.0
     box_loss_weight: float = 1.0

@@ -49,7 +49,7 @@ from torch import nn
 
 from mapdet.core.ap import check_ap_method, check_iou_threshold, match_thresholds
 from mapdet.core.apnms import ap_pseudo_gradient_multiclass
-from mapdet.core.pseudograd import check_min_step
+from mapdet.core.pseudograd import check_direction, check_min_step
 
 __all__ = ["LOSS_FORMS", "MAPLoss", "NORMALIZATIONS", "Windows", "normalization_scale"]
 
@@ -223,6 +223,9 @@ class MAPLoss(nn.Module):
         match_iou: TP threshold, or a sequence for COCO-style AP averaged over thresholds.
         ap_method: ``"area"``, ``"voc07"`` or ``"r101"``.
         min_step: ``mu > 0`` in the pseudo-gradient's slopes.
+        direction: the pseudo-partial's rule: ``"nearest_improvement"`` (docs/method.md,
+            section 3) or an ablation variant, ``"nearest_change"`` or ``"both_summed"``
+            (:mod:`mapdet.core.pseudograd`).
         form: ``"one_minus"`` (``1 - mAP``) or ``"neg_log"`` (``-log mAP``).
         normalization: ``"none"``, ``"nonzero"``, ``"per_class"`` or ``"l1"``: how the
             gradient is scaled (module docstring); the loss value is unchanged.
@@ -243,12 +246,13 @@ class MAPLoss(nn.Module):
                  match_iou: float | Sequence[float] = 0.5, ap_method: str = "area",
                  min_step: float = 1e-3, form: str = "one_minus", *, memory: int = 0,
                  distributed: bool = False, num_threads: int | None = None,
-                 normalization: str = "none"):
+                 normalization: str = "none", direction: str = "nearest_improvement"):
         super().__init__()
         check_ap_method(ap_method)
         match_thresholds(match_iou)
         check_iou_threshold("nms_iou", nms_iou)
         check_min_step(min_step)
+        check_direction(direction)
         if form not in LOSS_FORMS:
             raise ValueError(f"form must be one of {list(LOSS_FORMS)}, got {form!r}")
         if normalization not in NORMALIZATIONS:
@@ -261,6 +265,7 @@ class MAPLoss(nn.Module):
         self.match_iou = match_iou
         self.ap_method = ap_method
         self.min_step = float(min_step)
+        self.direction = direction
         self.form = form
         self.normalization = normalization
         self.memory = int(memory)
@@ -273,7 +278,7 @@ class MAPLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"score_threshold={self.score_threshold}, nms_iou={self.nms_iou}, "
                 f"match_iou={self.match_iou}, ap_method={self.ap_method!r}, "
-                f"min_step={self.min_step}, form={self.form!r}, "
+                f"min_step={self.min_step}, direction={self.direction!r}, form={self.form!r}, "
                 f"normalization={self.normalization!r}, memory={self.memory}, "
                 f"distributed={self.distributed}")
 
@@ -320,6 +325,7 @@ class MAPLoss(nn.Module):
             score_threshold=self.score_threshold, nms_iou=self.nms_iou,
             match_iou=self.match_iou, ap_method=self.ap_method, min_step=self.min_step,
             num_threads=self.num_threads, grad_rows=local.probs.shape[0],
+            direction=self.direction,
         )
         if self.memory:
             self._memory.appendleft(_detached_detections(local, self.score_threshold))

@@ -29,7 +29,7 @@ from mapdet.core.boxes import as_boxes, check_boxes, check_finite
 from mapdet.core.editap import ap_of_list
 from mapdet.core.gradkernel import base_detections, pseudo_gradient_kernel
 from mapdet.core.nms import detection_order
-from mapdet.core.pseudograd import IMPROVEMENT_TOL, SLOPE_RTOL, check_min_step
+from mapdet.core.pseudograd import IMPROVEMENT_TOL, SLOPE_RTOL, check_direction, check_min_step
 
 __all__ = ["ap_after_nms", "ap_pseudo_gradient", "ap_pseudo_gradient_multiclass",
            "class_problems", "solve_classes"]
@@ -45,8 +45,10 @@ class _ClassProblem:
     checked; ``image_ids`` int64, dense image ids, their count, :func:`image_groups`)."""
 
     def __init__(self, scores, boxes, image_ids, gt_boxes, gt_image_ids, gt_difficult,
-                 score_threshold, nms_iou, match_iou, ap_method, min_step=None, shared=None):
+                 score_threshold, nms_iou, match_iou, ap_method, min_step=None, shared=None,
+                 direction="nearest_improvement"):
         check_ap_method(ap_method)
+        self.direction = check_direction(direction)
         self.thetas = match_thresholds(match_iou)
         if min_step is not None:
             self.mu = check_min_step(min_step)
@@ -136,13 +138,15 @@ def ap_pseudo_gradient(
     scores, boxes, image_ids, gt_boxes, gt_image_ids, gt_difficult=None, *,
     score_threshold: float = 0.05, nms_iou: float = 0.3,
     match_iou: float | Sequence[float] = 0.5, ap_method: str = "area",
-    min_step: float = 1e-3,
+    min_step: float = 1e-3, direction: str = "nearest_improvement",
 ) -> tuple[float, np.ndarray]:
     """AP after NMS and its exact pseudo-gradient with respect to the scores.
 
     Arguments as :func:`ap_after_nms`, plus ``min_step`` (``mu > 0``, the minimum step in
     each slope's denominator). The pseudo-gradient is the one defined in docs/method.md
-    (nearest improvement in each direction, the larger slope wins), computed exactly.
+    (nearest improvement in each direction, the larger slope wins), computed exactly;
+    ``direction`` picks an ablation variant instead (``"nearest_change"``, ``"both_summed"``:
+    :mod:`mapdet.core.pseudograd`).
 
     Returns:
         ``(ap, grad)``: the AP (NaN when undefined) and ``grad (N,)`` float64, the
@@ -150,7 +154,8 @@ def ap_pseudo_gradient(
         is undefined). Ascending ``grad`` raises the AP.
     """
     p = _ClassProblem(scores, boxes, image_ids, gt_boxes, gt_image_ids, gt_difficult,
-                      score_threshold, nms_iou, match_iou, ap_method, min_step)
+                      score_threshold, nms_iou, match_iou, ap_method, min_step,
+                      direction=direction)
     return _solve(p)
 
 
@@ -165,7 +170,8 @@ def _solve(p: _ClassProblem, grad_rows: int | None = None, stats: np.ndarray | N
         return float("nan"), grad
     if n == 0:
         return 0.0, grad
-    par = np.array([p.tau, p.nu, p.mu, IMPROVEMENT_TOL, SLOPE_RTOL], dtype=np.float64)
+    par = np.array([p.tau, p.nu, p.mu, IMPROVEMENT_TOL, SLOPE_RTOL, p.direction],
+                   dtype=np.float64)
     prob = (p.scores, p.boxes, p.dense_img, p.n_img, p.order, p.rank, p.best, p.best_iou,
             p.gt_difficult, p.thetas, p.weights, par)
     if stats is None:
@@ -182,6 +188,7 @@ def ap_pseudo_gradient_multiclass(
     score_threshold: float = 0.05, nms_iou: float = 0.3,
     match_iou: float | Sequence[float] = 0.5, ap_method: str = "area",
     min_step: float = 1e-3, num_threads: int | None = None, grad_rows: int | None = None,
+    direction: str = "nearest_improvement",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-class APs and pseudo-gradients for ``K`` classes, classes in parallel threads.
 
@@ -196,6 +203,7 @@ def ap_pseudo_gradient_multiclass(
         grad_rows: compute the gradient of the first ``grad_rows`` windows only (the others,
             e.g. detections kept from earlier minibatches, only take part in the AP; their
             gradient is returned as 0). Default: all.
+        direction: the pseudo-partial's rule (:func:`ap_pseudo_gradient`).
 
     Returns:
         ``(aps (K,), grads (N, K))``: AP per class (NaN where undefined) and the
@@ -204,7 +212,7 @@ def ap_pseudo_gradient_multiclass(
     problems = class_problems(scores, boxes, image_ids, gt_boxes, gt_labels, gt_image_ids,
                               gt_difficult, score_threshold=score_threshold, nms_iou=nms_iou,
                               match_iou=match_iou, ap_method=ap_method, min_step=min_step,
-                              grad_rows=grad_rows)
+                              grad_rows=grad_rows, direction=direction)
     aps, grads, _ = solve_classes(problems, num_threads, grad_rows)
     if not problems:
         grads = np.zeros((np.asarray(scores).shape[0], 0))
@@ -213,7 +221,8 @@ def ap_pseudo_gradient_multiclass(
 
 def class_problems(scores, boxes, image_ids, gt_boxes, gt_labels, gt_image_ids,
                    gt_difficult=None, *, score_threshold, nms_iou, match_iou, ap_method,
-                   min_step, grad_rows=None) -> list[_ClassProblem]:
+                   min_step, grad_rows=None,
+                   direction="nearest_improvement") -> list[_ClassProblem]:
     """Check the ``K``-class inputs (as :func:`ap_pseudo_gradient_multiclass`) and split them
     into one problem per class.
 
@@ -266,7 +275,7 @@ def class_problems(scores, boxes, image_ids, gt_boxes, gt_labels, gt_image_ids,
         if rows is None or rows.size == n:
             p = _ClassProblem(scores[:, c], box_c, ids, gt_boxes[sel], gt_image_ids[sel],
                               difficult[sel], score_threshold, nms_iou, match_iou, ap_method,
-                              min_step, shared)
+                              min_step, shared, direction)
             p.rows = None
         else:
             sub = ids[rows]
@@ -274,7 +283,7 @@ def class_problems(scores, boxes, image_ids, gt_boxes, gt_labels, gt_image_ids,
             p = _ClassProblem(scores[rows, c], box_c[rows], sub, gt_boxes[sel],
                               gt_image_ids[sel], difficult[sel], score_threshold, nms_iou,
                               match_iou, ap_method, min_step,
-                              (sub, dense_s, n_img_s, image_groups(sub)))
+                              (sub, dense_s, n_img_s, image_groups(sub)), direction)
             p.rows = rows
         p.n_all = n
         problems.append(p)

@@ -71,18 +71,64 @@ def base_detections(order, img, n_img, boxes, nu, n):
 
 
 @njit(cache=True, nogil=True)
-def _combine(up, down, rtol):
-    """:func:`mapdet.core.pseudograd.combine_slopes`, compiled."""
-    slack = rtol * max(up, down)
-    if up > 0.0 and up >= down - slack:
-        return up
-    if down > up + slack:
-        return -down
-    return 0.0
+def _combine(up, down, rtol, code):
+    """:func:`mapdet.core.pseudograd.combine_slopes`, compiled: ``(pseudo-partial, side)``
+    with ``side`` +1 / -1 / 0 when the up / down / neither direction's slope decides it.
+    ``code``: the index of the direction rule in :data:`mapdet.core.pseudograd.DIRECTIONS`."""
+    if code == 2:  # both summed
+        v = up - down
+        return v, (1 if v > 0.0 else (-1 if v < 0.0 else 0))
+    au = up
+    ad = down
+    if code == 1:  # nearest change: signed slopes, the larger magnitude
+        au = abs(up)
+        ad = abs(down)
+    slack = rtol * max(au, ad)
+    if au > 0.0 and au >= ad - slack:
+        return up, 1
+    if ad > au + slack:
+        return -down, -1
+    return 0.0, 0
 
 
 @njit(cache=True, nogil=True)
-def _walk(up, i, r_lo, r_hi, monotone, f0, tol, mu, s, runs, ctx, stats):
+def _holder_run(g, base, removed, run_id, nr):
+    """The run of ``g``'s first claimant at the (single) threshold that is not removed;
+    ``nr`` (past every run) when there is none."""
+    holder, nxt = base[4], base[5]
+    p = holder[0, g]
+    while p >= 0 and removed[p]:
+        p = nxt[0, p]
+    return run_id[p] if p >= 0 else nr
+
+
+@njit(cache=True, nogil=True)
+def _change_walk(up, i, r_lo, r_hi, monotone, rp, f0, tol, mu, s, runs, ctx, stats):
+    """Nearest change (either sign) over the runs ``r_lo..r_hi`` (as :func:`_walk`).
+
+    Along a walk in a fixed state, with one threshold, ``i``'s label is that of an FP while
+    its ground truth's first claimant (run ``rp``) is above it and a TP past it; the other
+    labels do not change. Moving an FP up (a TP down) never raises the AP, moving a TP up (an
+    FP down) never lowers it, so the AP is monotone on each side of ``rp``: each side is one
+    monotone walk, the nearer side first (up: runs ``> rp``, then ``<= rp``; down: runs
+    ``< rp``, then ``>= rp``). ``rp = -1`` (up) or the run count (down) when ``i`` is an FP
+    or ignored everywhere. Not ``monotone`` (several thresholds, ``i`` a TP at one): scanned.
+    """
+    if not monotone:
+        return _walk(up, i, r_lo, r_hi, monotone, True, f0, tol, mu, s, runs, ctx, stats)
+    if up:
+        a_lo, a_hi, b_lo, b_hi = max(r_lo, rp + 1), r_hi, r_lo, min(r_hi, rp)
+    else:
+        a_lo, a_hi, b_lo, b_hi = r_lo, min(r_hi, rp - 1), max(r_lo, rp), r_hi
+    slope, gain = _walk(up, i, a_lo, a_hi, monotone, True, f0, tol, mu, s, runs, ctx, stats)
+    if gain == 0.0:
+        slope, gain = _walk(up, i, b_lo, b_hi, monotone, True, f0, tol, mu, s, runs, ctx,
+                            stats)
+    return slope, gain
+
+
+@njit(cache=True, nogil=True)
+def _walk(up, i, r_lo, r_hi, monotone, change, f0, tol, mu, s, runs, ctx, stats):
     """Nearest improvement when ``i`` walks over the runs ``r_lo..r_hi`` (up: from ``r_hi``
     towards ``r_lo``, landing at the run's start; down: from ``r_lo`` on, landing just below
     the run's end). The NMS state and the other edits are fixed in ``ctx``. Returns the slope.
@@ -91,7 +137,11 @@ def _walk(up, i, r_lo, r_hi, monotone, f0, tol, mu, s, runs, ctx, stats):
     false then true): probe the farthest (no improvement there: none anywhere), then gallop
     from the nearest (``j = 0, 1, 3, 7, ...``) to the first improving probe and binary search
     the bracket: ``O(log distance)`` queries. Otherwise every ``j`` is tried in order.
-    Returns ``(slope, gain)``: ``gain`` is the AP gained at the nearest improvement."""
+    ``change``: look for the nearest change of either sign (``|v - f0| > tol``) instead; a
+    monotone walk then probes the nearest first (its value may already differ), and the rest
+    is monotone ("changes" false then true) when AP is monotone along the walk.
+    Returns ``(slope, gain)``: ``gain`` is the AP gained at the nearest improvement (change)
+    and ``slope`` is ``gain / (delta + mu)``; ``(0, 0)`` where there is none."""
     (run_start, run_end, run_s) = runs
     (base, pool, edits, gt, weights, thetas, scratch) = ctx
     cnt = r_hi - r_lo + 1
@@ -104,6 +154,9 @@ def _walk(up, i, r_lo, r_hi, monotone, f0, tol, mu, s, runs, ctx, stats):
     step = 1
     j = cnt - 1 if monotone else 0
     probed = not monotone or cnt == 1
+    near = change and monotone and cnt > 1
+    if near:
+        j = 0
     best_j = -1
     best_v = 0.0
     while True:
@@ -111,9 +164,16 @@ def _walk(up, i, r_lo, r_hi, monotone, f0, tol, mu, s, runs, ctx, stats):
         gap = run_start[r] if up else run_end[r] + 1
         v = edited_ap(base, pool, edits, i, gap, gt, weights, thetas, scratch)  # one call site
         stats[0] += 1
-        better = v > f0 + tol
+        better = v > f0 + tol or (change and v < f0 - tol)
         if better:
             best_j, best_v = j, v
+        if near:  # nearest first; then the farthest, then gallop from 1
+            near = False
+            if better:
+                break
+            lo = 1
+            j = cnt - 1
+            continue
         if not monotone:
             if better or j == cnt - 1:
                 break
@@ -123,7 +183,7 @@ def _walk(up, i, r_lo, r_hi, monotone, f0, tol, mu, s, runs, ctx, stats):
             probed = True
             if not better:
                 break
-            j = 0
+            j = lo
             continue
         if hi < 0:  # galloping
             if better:
@@ -223,13 +283,16 @@ def pseudo_gradient_kernel(prob, n_grad, grad, gain, stats):
     """Exact pseudo-gradient of AP after NMS for one class; returns ``f(x)``.
 
     ``prob = (s, boxes, img, n_img, order, rank, best, best_iou, gt_diff, thetas, weights,
-    par)`` with ``par = [tau, nu, mu, tol, slope_rtol]``. Fills ``grad[:n_grad]`` and
-    ``gain[:n_grad]`` (the AP gained at the nearest improvement in the direction the
-    pseudo-partial points to; 0 where it is 0); the windows from ``n_grad`` on take part in
-    the AP only. ``stats (4,)`` int64 accumulates
+    par)`` with ``par = [tau, nu, mu, tol, slope_rtol, direction]`` (``direction``: the index
+    of the rule in :data:`mapdet.core.pseudograd.DIRECTIONS`). Fills ``grad[:n_grad]`` and
+    ``gain[:n_grad]`` (the AP gained at the nearest improvement, or change, in the direction
+    whose slope decides the pseudo-partial; 0 where none does); the windows from ``n_grad``
+    on take part in the AP only. ``stats (4,)`` int64 accumulates
     ``[AP queries, scanned walks, direct segment sums, segment queries]``."""
     (s, boxes, img, n_img, order, rank, best, best_iou, gt_diff, thetas, weights, par) = prob
     tau, nu, mu, tol, rtol = par[0], par[1], par[2], par[3], par[4]
+    code = np.int64(par[5])
+    change = code == 1
     n = s.size
     det, kept, iptr, icand = base_detections(order, img, n_img, boxes, nu, n)
     n_det = det.size
@@ -313,10 +376,15 @@ def pseudo_gradient_kernel(prob, n_grad, grad, gain, stats):
             r0 = run_id[q0]
             up = 0.0
             up_gain = 0.0
-            if tp_any:  # an FP or ignored detection moving up cannot raise the AP
+            if change:
                 r_max = r0 if run_start[r0] < q0 else r0 - 1
-                up, up_gain = _walk(go_up, i, zero, r_max, monotone, f0, tol, mu, s, runs, ctx,
-                                    stats)
+                rp = _holder_run(g, base, removed, run_id, nr) if tp_any else none
+                up, up_gain = _change_walk(go_up, i, zero, r_max, monotone, rp, f0, tol, mu, s,
+                                           runs, ctx, stats)
+            elif tp_any:  # an FP or ignored detection moving up cannot raise the AP
+                r_max = r0 if run_start[r0] < q0 else r0 - 1
+                up, up_gain = _walk(go_up, i, zero, r_max, monotone, change, f0, tol, mu, s, runs,
+                                    ctx, stats)
             # S_down: i removed (one suppression event; chg[i] = 2 marks it gone).
             chg[i] = 2
             n_seeds = zero
@@ -352,24 +420,29 @@ def pseudo_gradient_kernel(prob, n_grad, grad, gain, stats):
                     lo = mid
                 else:
                     hi = mid - 1
-            down, down_gain = _walk(go_down, i, r_first, lo, monotone, f0, tol, mu, s, runs,
-                                    ctx, stats)
+            if change:
+                rp = _holder_run(g, base, removed, run_id, nr) if tp_any else nr
+                down, down_gain = _change_walk(go_down, i, r_first, lo, monotone, rp, f0, tol,
+                                               mu, s, runs, ctx, stats)
+            else:
+                down, down_gain = _walk(go_down, i, r_first, lo, monotone, change, f0, tol, mu,
+                                        s, runs, ctx, stats)
             removed[q0] = False
             ed[COUNT, 0] = 0
-            if down == 0.0 and f_down > f0 + tol:
+            if down == 0.0 and (f_down > f0 + tol or (change and f_down < f0 - tol)):
                 down = (f_down - f0) / (si - b_sw + mu)
                 down_gain = f_down - f0
-            grad[i] = _combine(up, down, rtol)
-            if grad[i] > 0.0:
+            grad[i], side = _combine(up, down, rtol, code)
+            if side > 0:
                 gain[i] = up_gain
-            elif grad[i] < 0.0:
+            elif side < 0:
                 gain[i] = down_gain
         else:
             # ---- i is not a detection: only moving up can change anything.
             n_seeds = zero
             if nu < 1.0:
                 n_seeds = _kept_neighbours(i, boxes, img[i], dptr, idet, dbox, nu, seeds)
-            if n_seeds == 0 and not tp_any:
+            if n_seeds == 0 and not tp_any and not change:
                 # Enters at the bottom as an FP (an FP after the last TP changes no
                 # precision) and can only lose by moving further up.
                 continue
@@ -390,12 +463,16 @@ def pseudo_gradient_kernel(prob, n_grad, grad, gain, stats):
                 q_e = n_det
             v = edited_ap(base, pool, edits, i, q_e, gt, weights, thetas, scratch)
             stats[0] += 1
-            if v > f0 + tol:
+            if v > f0 + tol or (change and v < f0 - tol):
                 grad[i] = (v - f0) / (b_entry - si + mu)
                 gain[i] = v - f0
+            elif change:
+                rp = _holder_run(g, base, removed, run_id, nr) if tp_any else none
+                grad[i], gain[i] = _change_walk(go_up, i, zero, r_entry - 1, monotone, rp, f0,
+                                                tol, mu, s, runs, ctx, stats)
             elif tp_any:
-                grad[i], gain[i] = _walk(go_up, i, zero, r_entry - 1, monotone, f0, tol, mu, s,
-                                         runs, ctx, stats)
+                grad[i], gain[i] = _walk(go_up, i, zero, r_entry - 1, monotone, change, f0, tol,
+                                         mu, s, runs, ctx, stats)
             _unload(edits, zero)
     stats[2] += pool[4][2]
     stats[3] += pool[4][3]

@@ -15,6 +15,16 @@ The pseudo-partial derivative is ``+slope_up`` if ``slope_up >= slope_down`` and
 ``slope_up > 0``, ``-slope_down`` if ``slope_down > slope_up``, and 0 otherwise.
 ``mu > 0`` (``min_step``) bounds the slope where breakpoints (tied scores) sit at distance 0.
 
+That rule is ``direction="nearest_improvement"`` (the default, the definition of
+docs/method.md). Two variants, for ablations (:data:`DIRECTIONS`):
+
+- ``"nearest_change"``: ``k*`` is the first ``k`` with ``|v_k - f(x)| > tol`` (a change of
+  either sign); each direction gives the derivative estimate
+  ``g_up = (v_k* - f(x)) / (delta_k* + mu)`` and ``g_down = -(v_k* - f(x)) / (delta_k* + mu)``
+  (0 without a change); the pseudo-partial is the one of larger magnitude, ``g_up`` when the
+  magnitudes are equal (within :data:`SLOPE_RTOL`).
+- ``"both_summed"``: ``slope_up - slope_down``, both with the nearest improvement.
+
 This module is the literal definition: it evaluates ``f`` at every breakpoint until the first
 improvement, which makes it the reference that fast special cases (AP after NMS) are tested
 against, and a usable tool for any small piecewise-constant objective.
@@ -26,8 +36,18 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["IMPROVEMENT_TOL", "SLOPE_RTOL", "check_min_step", "combine_slopes", "pseudo_gradient",
-           "pseudo_partial"]
+__all__ = ["DIRECTIONS", "IMPROVEMENT_TOL", "SLOPE_RTOL", "check_direction", "check_min_step",
+           "combine_slopes", "pseudo_gradient", "pseudo_partial"]
+
+#: The direction rules (module doc); the first is the default.
+DIRECTIONS = ("nearest_improvement", "nearest_change", "both_summed")
+
+
+def check_direction(direction: str) -> int:
+    """The index of ``direction`` in :data:`DIRECTIONS` (the kernels' code), or ``ValueError``."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
+    return DIRECTIONS.index(direction)
 
 #: ``v`` counts as an improvement over ``f(x)`` only when ``v > f(x) + IMPROVEMENT_TOL``.
 #: Piecewise-constant objectives computed in floating point (AP is a sum of ratios) can
@@ -53,13 +73,28 @@ def check_min_step(min_step: float) -> float:
 SLOPE_RTOL = 1e-9
 
 
-def combine_slopes(slope_up: float, slope_down: float) -> float:
-    """The pseudo-partial from the two one-sided slopes (both >= 0).
+def combine_slopes(slope_up: float, slope_down: float,
+                   direction: str = "nearest_improvement") -> float:
+    """The pseudo-partial from the two one-sided slopes.
 
-    ``+slope_up`` if ``slope_up >= slope_down`` and ``slope_up > 0``; ``-slope_down`` if
-    ``slope_down > slope_up``; 0 if neither direction improves. Equality is judged with
-    :data:`SLOPE_RTOL`.
+    ``nearest_improvement`` (both >= 0): ``+slope_up`` if ``slope_up >= slope_down`` and
+    ``slope_up > 0``; ``-slope_down`` if ``slope_down > slope_up``; 0 if neither direction
+    improves. Equality is judged with :data:`SLOPE_RTOL`. ``both_summed``:
+    ``slope_up - slope_down``. ``nearest_change`` (signed: the change of ``f`` per unit moved
+    in that direction): ``slope_up`` if ``|slope_up| >= |slope_down|`` (within
+    :data:`SLOPE_RTOL`) and it is not 0, else ``-slope_down``.
     """
+    code = check_direction(direction)
+    if code == 1:
+        au, ad = abs(slope_up), abs(slope_down)
+        slack = SLOPE_RTOL * max(au, ad)
+        if au > 0.0 and au >= ad - slack:
+            return slope_up
+        if ad > au + slack:
+            return -slope_down
+        return 0.0
+    if code == 2:
+        return slope_up - slope_down
     slack = SLOPE_RTOL * max(slope_up, slope_down)
     if slope_up > 0.0 and slope_up >= slope_down - slack:
         return slope_up
@@ -93,6 +128,7 @@ def pseudo_partial(
     f_x: float,
     min_step: float = 1e-3,
     tol: float = IMPROVEMENT_TOL,
+    direction: str = "nearest_improvement",
 ) -> float:
     """Pseudo-partial derivative along one coordinate, by the definition.
 
@@ -103,23 +139,25 @@ def pseudo_partial(
         f_x: ``f(x)``.
         min_step: ``mu > 0``.
         tol: improvement tolerance (see :data:`IMPROVEMENT_TOL`).
+        direction: the rule, one of :data:`DIRECTIONS` (module doc).
     """
     mu = check_min_step(min_step)
+    change = check_direction(direction) == 1
     points = np.unique(np.asarray(breakpoints, dtype=np.float64))
     slopes = []
-    for direction in (+1, -1):
-        if direction > 0:
+    for sense in (+1, -1):
+        if sense > 0:
             ks = np.flatnonzero(points >= x_i)
         else:
             ks = np.flatnonzero(points <= x_i)[::-1]
         slope = 0.0
         for k in ks:
-            v = f_along(_just_beyond(points, int(k), direction))
-            if v > f_x + tol:
+            v = f_along(_just_beyond(points, int(k), sense))
+            if v > f_x + tol or (change and v < f_x - tol):
                 slope = (v - f_x) / (abs(points[k] - x_i) + mu)
                 break
         slopes.append(slope)
-    return combine_slopes(slopes[0], slopes[1])
+    return combine_slopes(slopes[0], slopes[1], direction)
 
 
 def pseudo_gradient(
@@ -129,6 +167,7 @@ def pseudo_gradient(
     *,
     min_step: float = 1e-3,
     tol: float = IMPROVEMENT_TOL,
+    direction: str = "nearest_improvement",
 ) -> tuple[float, np.ndarray]:
     """Pseudo-gradient of a piecewise-constant ``f`` at ``x``, by the definition.
 
@@ -140,6 +179,7 @@ def pseudo_gradient(
             ``(i, x) -> array``.
         min_step: ``mu > 0``, the minimum step in the slope's denominator.
         tol: improvement tolerance (see :data:`IMPROVEMENT_TOL`).
+        direction: the rule, one of :data:`DIRECTIONS` (module doc).
 
     Returns:
         ``(f(x), grad (n,))``. Cost: up to one evaluation of ``f`` per breakpoint.
@@ -149,6 +189,7 @@ def pseudo_gradient(
     ``w_j = w_j - (X @ w)[s] / X[s, j]`` for every sample ``s`` with ``X[s, j] != 0``.
     """
     check_min_step(min_step)
+    check_direction(direction)
     x = np.asarray(x, dtype=np.float64).copy()
     f_x = float(f(x))
     grad = np.zeros_like(x)
@@ -160,5 +201,6 @@ def pseudo_gradient(
             moved[i] = value
             return float(f(moved))
 
-        grad[i] = pseudo_partial(f_along, x[i], pts, f_x=f_x, min_step=min_step, tol=tol)
+        grad[i] = pseudo_partial(f_along, x[i], pts, f_x=f_x, min_step=min_step, tol=tol,
+                                 direction=direction)
     return f_x, grad

@@ -14,7 +14,12 @@ import numpy as np
 
 from mapdet.core.ap import ap_from_labels, average_precision, label_detections
 from mapdet.core.nms import greedy_nms
-from mapdet.core.pseudograd import IMPROVEMENT_TOL, check_min_step, pseudo_partial
+from mapdet.core.pseudograd import (
+    IMPROVEMENT_TOL,
+    check_direction,
+    check_min_step,
+    pseudo_partial,
+)
 
 __all__ = ["ap_after_nms_reference", "ap_pseudo_gradient_reference", "edited_ap_reference"]
 
@@ -40,14 +45,17 @@ def ap_pseudo_gradient_reference(
     score_threshold: float = 0.05, nms_iou: float = 0.3,
     match_iou: float | Sequence[float] = 0.5, ap_method: str = "area",
     min_step: float = 1e-3, tol: float = IMPROVEMENT_TOL,
+    direction: str = "nearest_improvement",
 ) -> tuple[float, np.ndarray]:
     """Pseudo-gradient of AP after NMS w.r.t. the scores, by brute force.
 
     Along ``s_i`` the breakpoints are the distinct values among the other windows' scores and
     ``score_threshold`` (docs/method.md, section 3); ``f`` is re-evaluated from scratch just
-    beyond each of them until the first improvement in each direction.
+    beyond each of them until the first improvement (``direction="nearest_change"``: the
+    first change) in each direction; ``direction`` as in :mod:`mapdet.core.pseudograd`.
     """
     check_min_step(min_step)
+    check_direction(direction)
     scores = np.asarray(scores, dtype=np.float64)
     kwargs = dict(score_threshold=score_threshold, nms_iou=nms_iou, match_iou=match_iou,
                   ap_method=ap_method)
@@ -69,7 +77,8 @@ def ap_pseudo_gradient_reference(
             moved[i] = value
             return f(moved)
 
-        grad[i] = pseudo_partial(f_along, scores[i], points, f_x=f_x, min_step=min_step, tol=tol)
+        grad[i] = pseudo_partial(f_along, scores[i], points, f_x=f_x, min_step=min_step, tol=tol,
+                                 direction=direction)
     return f_x, grad
 
 

@@ -216,7 +216,8 @@ def build_criterion(cfg: Config, *, distributed: bool = False, model=None):
     return MAPLoss(score_threshold=lc.score_threshold, nms_iou=lc.nms_iou,
                    match_iou=lc.match_iou, ap_method=lc.ap_method, min_step=lc.min_step,
                    form=lc.form, memory=lc.memory, distributed=distributed,
-                   num_threads=lc.num_threads or None, normalization=lc.normalization)
+                   num_threads=lc.num_threads or None, normalization=lc.normalization,
+                   direction=lc.direction)
 
 
 def _faster_rcnn_criterion(cfg: Config, distributed: bool, model):
@@ -238,7 +239,8 @@ def _faster_rcnn_criterion(cfg: Config, distributed: bool, model):
                  map_weight=lc.map_loss_weight, match_iou=lc.match_iou,
                  ap_method=lc.ap_method, min_step=lc.min_step, form=lc.form,
                  memory=lc.memory, distributed=distributed,
-                 num_threads=lc.num_threads or None, normalization=lc.normalization)
+                 num_threads=lc.num_threads or None, normalization=lc.normalization,
+                 direction=lc.direction)
     return model.roi_heads.map_loss
 
 
