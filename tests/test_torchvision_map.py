@@ -13,11 +13,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
+from torchvision.models.detection import (
+    fasterrcnn_mobilenet_v3_large_fpn,
+    fasterrcnn_resnet50_fpn_v2,
+)
 from torchvision.models.detection.roi_heads import RoIHeads
 
 from mapdet.core.nms import greedy_nms
 from mapdet.models.faster_rcnn import build_faster_rcnn
+from mapdet.row_subset import row_dependence
 from mapdet.torchvision import MAPRoIHeads, map_windows, use_map_loss
 
 SIZE = 96
@@ -97,12 +101,30 @@ def test_custom_thresholds_are_carried_into_the_loss():
     model = use_map_loss(_small(box_score_thresh=0.2, box_nms_thresh=0.45), num_threads=1)
     assert model.roi_heads.map_loss.score_threshold == 0.2
     assert model.roi_heads.map_loss.nms_iou == 0.45
-    # Changed on the model later: the loss follows at the next training step.
-    model.roi_heads.score_thresh = 0.1
     model.train()
     images, targets = _data()
+    model(images, targets)  # a step does not touch them
+    assert model.roi_heads.map_loss.score_threshold == 0.2
+    assert model.roi_heads.map_loss.nms_iou == 0.45
+
+
+@pytest.mark.parametrize(("attr", "value", "name"), [
+    ("score_thresh", 0.1, "score_threshold"), ("nms_thresh", 0.6, "nms_iou")])
+def test_a_threshold_changed_on_the_model_later_is_named(attr, value, name):
+    """Changed on the model after use_map_loss: the next step names both values, and
+    use_map_loss again (validated by MAPLoss) carries the new one into the loss."""
+    model = use_map_loss(_small(), num_threads=1)
+    setattr(model.roi_heads, attr, value)
+    model.train()
+    images, targets = _data()
+    with pytest.raises(ValueError, match=rf"roi_heads.{attr}={value} .* map_loss.{name}="):
+        model(images, targets)
+    use_map_loss(model, num_threads=1)
+    assert getattr(model.roi_heads.map_loss, name) == value
     model(images, targets)
-    assert model.roi_heads.map_loss.score_threshold == 0.1
+    model.roi_heads.nms_thresh = 1.5  # invalid: MAPLoss's own check names it
+    with pytest.raises(ValueError, match="nms_iou"):
+        use_map_loss(model)
 
 
 def test_a_threshold_that_differs_from_the_model_is_named():
@@ -175,6 +197,77 @@ def test_the_per_image_cap_is_named_when_it_binds():
         model(images, targets)
     assert model.roi_heads.last_capped_images == 2
     assert any("detections_per_img=5" in str(w.message) for w in caught)
+
+
+def _grads(model, seed=3, **kw):
+    """One training step from the global RNG state ``seed``: the loss dict and every
+    parameter's gradient."""
+    model.train()
+    images, targets = _data(2, seed=seed)
+    torch.manual_seed(seed)
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    return ({k: v.detach() for k, v in losses.items()},
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+
+@pytest.mark.parametrize("score_thresh", [0.05, 0.3])
+def test_the_sparse_backward_equals_the_full_path(score_thresh):
+    """Scoring every proposal without autograd and recomputing only the rows with a nonzero
+    pseudo-gradient or a box target gives the full path's loss and gradients, at the head
+    and the backbone."""
+    full = use_map_loss(_small(box_score_thresh=score_thresh), num_threads=1,
+                        sparse_backward=False)
+    sparse = use_map_loss(copy.deepcopy(full), num_threads=1, sparse_backward=True)
+    lf, gf = _grads(full)
+    ls, gs = _grads(sparse)
+    assert full.roi_heads.last_full_path == "sparse_backward=False"
+    assert sparse.roi_heads.last_full_path is None
+    assert 0 < sparse.roi_heads.last_grad_rows < full.roi_heads.last_grad_rows
+    assert ls["loss_map"].item() == lf["loss_map"].item()
+    torch.testing.assert_close(ls, lf, rtol=1e-5, atol=1e-7)
+    assert gs.keys() == gf.keys()
+    assert gf["roi_heads.box_predictor.cls_score.weight"].abs().sum() > 0
+    assert gf["backbone.body.0.0.weight"].abs().sum() > 0  # the first convolution
+    for name in gf:
+        torch.testing.assert_close(gs[name], gf[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("layer", ["batchnorm", "dropout"])
+def test_a_head_whose_rows_interact_takes_the_full_path(layer):
+    """BatchNorm with batch statistics, or dropout, in the box head: the rows are not
+    independent, so the step runs the full path (and says why)."""
+    model = _small()
+    extra = torch.nn.BatchNorm1d(256) if layer == "batchnorm" else torch.nn.Dropout(0.3)
+    model.roi_heads.box_head = torch.nn.Sequential(model.roi_heads.box_head, extra)
+    plain = use_map_loss(copy.deepcopy(model), num_threads=1, sparse_backward=False)
+    auto = use_map_loss(model, num_threads=1)
+    lp, gp = _grads(plain)
+    la, ga = _grads(auto)
+    assert type(extra).__name__ in auto.roi_heads.last_full_path
+    for name in gp:
+        assert torch.equal(ga[name], gp[name]), name
+
+
+def test_torchvisions_v2_box_head_is_recognised_as_not_row_independent():
+    torch.manual_seed(0)
+    model = fasterrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=3)
+    model.train()
+    reason = row_dependence(model.roi_heads.box_head)
+    assert reason is not None and "BatchNorm2d" in reason
+    model.eval()  # running statistics: rows independent again
+    assert row_dependence(model.roi_heads.box_head) is None
+
+
+def test_the_cap_check_can_be_switched_off():
+    model = use_map_loss(_small(box_score_thresh=0.0, box_detections_per_img=5),
+                         num_threads=1, check_cap=False)
+    model.train()
+    images, targets = _data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(images, targets)
+    assert model.roi_heads.last_capped_images == 0
 
 
 # ------------------------------------------------------------------------------- DDP

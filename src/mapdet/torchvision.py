@@ -56,6 +56,13 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import boxes as box_ops
 
 from mapdet.loss import MAPLoss
+from mapdet.row_subset import (
+    attach_grad,
+    loss_and_grad,
+    row_dependence,
+    rows_with_grad,
+    split_rows,
+)
 
 __all__ = ["MAPRoIHeads", "SMALL_BOX_SIZE", "map_windows", "use_map_loss"]
 
@@ -64,7 +71,8 @@ SMALL_BOX_SIZE = 1e-2
 
 
 def use_map_loss(model: torch.nn.Module, *, max_proposals: int | None = None,
-                 map_weight: float = 1.0, **map_loss_kwargs: Any) -> torch.nn.Module:
+                 map_weight: float = 1.0, sparse_backward: bool = True, check_cap: bool = True,
+                 **map_loss_kwargs: Any) -> torch.nn.Module:
     """Train ``model``'s RoI heads with :class:`mapdet.MAPLoss`; returns ``model`` (modified).
 
     Args:
@@ -73,6 +81,12 @@ def use_map_loss(model: torch.nn.Module, *, max_proposals: int | None = None,
         max_proposals: windows per image for the loss: the first ``max_proposals`` RPN
             proposals (sorted by objectness); ``None``: all of them.
         map_weight: multiplies ``loss_map``.
+        sparse_backward: score every proposal without autograd and recompute with autograd
+            only the rows the gradient needs (:mod:`mapdet.row_subset`), when the box head's
+            rows are independent; ``False``: always one forward with autograd over all rows.
+        check_cap: count the images whose detections after NMS exceed
+            ``detections_per_img`` (``last_capped_images``, a warning the first time): one
+            extra NMS per image with more candidates than the cap; ``False`` skips it.
         **map_loss_kwargs: :class:`mapdet.MAPLoss` options. ``score_threshold`` and
             ``nms_iou`` may be given only when equal to the model's ``roi_heads.score_thresh``
             and ``roi_heads.nms_thresh``: the loss always uses the model's values.
@@ -112,7 +126,11 @@ def use_map_loss(model: torch.nn.Module, *, max_proposals: int | None = None,
     object.__setattr__(heads, "map_loss", loss)
     heads.max_proposals = None if max_proposals is None else int(max_proposals)
     heads.map_weight = float(map_weight)
+    heads.sparse_backward = bool(sparse_backward)
+    heads.check_cap = bool(check_cap)
     heads.last_capped_images = 0
+    heads.last_full_path = None
+    heads.last_grad_rows = 0
     heads._warned_cap = False
     return model
 
@@ -133,6 +151,13 @@ def map_windows(class_logits: torch.Tensor, box_regression: torch.Tensor,
         ``min(0, score_thresh)`` (never a candidate, no gradient); ``boxes (N, K, 4)``:
         decoded, clipped to the image, detached; ``image_ids (N,)`` int64.
     """
+    probs, boxes, image_ids, _ = _windows(class_logits, box_regression, proposals,
+                                          image_shapes, box_coder, score_thresh)
+    return probs, boxes, image_ids
+
+
+def _windows(class_logits, box_regression, proposals, image_shapes, box_coder, score_thresh):
+    """:func:`map_windows` and the mask ``small (N, K)`` of the pairs it set aside."""
     counts = [p.shape[0] for p in proposals]
     probs = F.softmax(class_logits, -1)[:, 1:]
     with torch.no_grad():
@@ -144,7 +169,7 @@ def map_windows(class_logits: torch.Tensor, box_regression: torch.Tensor,
         small = (wh < SMALL_BOX_SIZE).any(-1)  # remove_small_boxes keeps w >= s and h >= s
     probs = probs.masked_fill(small, min(0.0, float(score_thresh)))
     image_ids = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
-    return probs, boxes, image_ids
+    return probs, boxes, image_ids, small
 
 
 class MAPRoIHeads(RoIHeads):
@@ -153,13 +178,20 @@ class MAPRoIHeads(RoIHeads):
     Made by :func:`use_map_loss` by re-classing an existing ``RoIHeads``; not built directly.
     Attributes added: ``map_loss`` (the :class:`MAPLoss`; not a submodule, so the model's
     ``state_dict`` keeps torchvision's keys: save ``map_loss.state_dict()`` for its AP
-    memory), ``max_proposals``, ``map_weight``, ``last_capped_images``.
+    memory), ``max_proposals``, ``map_weight``, ``sparse_backward``, ``check_cap``,
+    ``last_capped_images``, and after each training step ``last_full_path`` (``None`` when
+    the step recomputed only the rows the gradient needs, else the reason it did not) and
+    ``last_grad_rows`` (the rows recomputed with autograd).
     """
 
     map_loss: MAPLoss
     max_proposals: int | None
     map_weight: float
+    sparse_backward: bool
+    check_cap: bool
     last_capped_images: int
+    last_full_path: str | None
+    last_grad_rows: int
 
     def forward(self, features, proposals, image_shapes, targets=None):  # noqa: D102
         if not self.training:
@@ -171,6 +203,7 @@ class MAPRoIHeads(RoIHeads):
                    targets: list[dict[str, torch.Tensor]] | None) -> dict[str, torch.Tensor]:
         """``{"loss_map", "loss_box_reg"}`` for one training minibatch."""
         _check_targets(targets, len(proposals))
+        self._check_thresholds()
         dtype = proposals[0].dtype
         if self.max_proposals is not None:
             proposals = [p[: self.max_proposals] for p in proposals]
@@ -181,27 +214,70 @@ class MAPRoIHeads(RoIHeads):
             reg_boxes.append(t["boxes"].to(dtype)[keep])
             reg_labels.append(t["labels"][keep])
         rows = self.add_gt_proposals(proposals, reg_boxes)  # per image: proposals, then gt
-        features_ = self.box_head(self.box_roi_pool(features, rows, image_shapes))
-        class_logits, box_regression = self.box_predictor(features_)
+        pos, pos_labels, pos_targets = self._box_targets(rows, reg_boxes, reg_labels)
+        reason = ("sparse_backward=False" if not self.sparse_backward else
+                  row_dependence(self.box_roi_pool, self.box_head, self.box_predictor))
+        self.last_full_path = reason
+        with torch.set_grad_enabled(torch.is_grad_enabled() and reason is not None):
+            class_logits, box_regression = self._head(features, rows, image_shapes)
 
         # The windows: the proposal rows of every image (the appended gt rows are not).
-        starts = torch.cumsum(torch.tensor([0] + [r.shape[0] for r in rows]), 0)[:-1].tolist()
+        counts = [r.shape[0] for r in rows]
+        starts = torch.cumsum(torch.tensor([0] + counts), 0)[:-1].tolist()
         sel = torch.cat([torch.arange(s, s + p.shape[0]) for s, p in
                          zip(starts, proposals, strict=True)]).to(class_logits.device)
-        probs, boxes, image_ids = map_windows(
+        probs, boxes, image_ids, small = _windows(
             class_logits[sel], box_regression[sel], proposals, image_shapes, self.box_coder,
             self.score_thresh)
-        self.map_loss.score_threshold = float(self.score_thresh)
-        self.map_loss.nms_iou = float(self.nms_thresh)
         loss_targets = [_map_target(t, j) for j, t in enumerate(targets)]
-        loss_map = self.map_loss(probs, boxes, image_ids, loss_targets)
-        self._note_cap(probs.detach(), boxes, image_ids)
 
-        loss_box = self._box_loss(rows, reg_boxes, reg_labels, box_regression)
+        def loss_fn(p):
+            return self.map_loss(p, boxes, image_ids, loss_targets)
+
+        if reason is not None:  # the full path: autograd through every row
+            loss_map = loss_fn(probs)
+            self.last_grad_rows = int(class_logits.shape[0])
+            loss_box = self._box_loss(box_regression, pos, pos_labels, pos_targets, len(rows))
+        else:
+            value, grad = loss_and_grad(loss_fn, probs)
+            grad = grad.masked_fill(small, 0.0)  # as the full path's masked_fill stops it
+            windows = rows_with_grad(grad)
+            need = torch.unique(torch.cat([sel[windows], pos]))  # ascending
+            if need.numel() == 0:  # keep every head parameter in the graph (DDP)
+                need = torch.zeros(1, dtype=torch.int64, device=sel.device)
+            self.last_grad_rows = int(need.numel())
+            local = split_rows(need, counts)
+            sub_logits, sub_regression = self._head(
+                features, [r[i.to(r.device)] for r, i in zip(rows, local, strict=True)],
+                image_shapes)
+            at = torch.searchsorted(need, sel[windows])
+            sub_probs = F.softmax(sub_logits[at], -1)[:, 1:]
+            loss_map = attach_grad(value, sub_probs, grad[windows])
+            loss_box = self._box_loss(sub_regression, torch.searchsorted(need, pos),
+                                      pos_labels, pos_targets, len(rows))
+        if self.check_cap:
+            self._note_cap(probs.detach(), boxes, image_ids)
         return {"loss_map": self.map_weight * loss_map, "loss_box_reg": loss_box}
 
-    def _box_loss(self, rows, gt_boxes, gt_labels, box_regression) -> torch.Tensor:
-        """torchvision's smooth-L1 on the sampled foreground rows (see the module doc)."""
+    def _head(self, features, rows, image_shapes) -> tuple[torch.Tensor, torch.Tensor]:
+        """``class_logits (R, K+1)``, ``box_regression (R, (K+1)*4)`` of ``rows`` (per image)."""
+        return self.box_predictor(self.box_head(self.box_roi_pool(features, rows,
+                                                                  image_shapes)))
+
+    def _check_thresholds(self) -> None:
+        """The loss's thresholds are the model's, as set by :func:`use_map_loss`."""
+        for attr, key, tv_name in (("score_thresh", "score_threshold", "box_score_thresh"),
+                                   ("nms_thresh", "nms_iou", "box_nms_thresh")):
+            own, used = float(getattr(self, attr)), float(getattr(self.map_loss, key))
+            if own != used:
+                raise ValueError(
+                    f"MAPRoIHeads: roi_heads.{attr}={own} ({tv_name}) but map_loss.{key}="
+                    f"{used}: the loss must use the model's test-time post-processing; call "
+                    f"use_map_loss(model, ...) again after changing the model's {attr}")
+
+    def _box_targets(self, rows, gt_boxes, gt_labels):
+        """The sampled foreground rows (see the module doc): global indices ``(F,)`` into the
+        concatenated ``rows``, their labels ``(F,)`` and encoded targets ``(F, 4)``."""
         matched, labels = self.assign_targets_to_proposals(rows, gt_boxes, gt_labels)
         pos_masks, _ = self.fg_bg_sampler(labels)
         pos_rows, pos_labels, pos_targets = [], [], []
@@ -213,13 +289,21 @@ class MAPRoIHeads(RoIHeads):
                 pos_labels.append(lab[pos])
                 pos_targets.append(self.box_coder.encode_single(gt[idx[pos]], r[pos]))
             start += r.shape[0]
-        normalizer = self.fg_bg_sampler.batch_size_per_image * len(rows)
+        device = rows[0].device
         if not pos_rows:
+            return (torch.zeros(0, dtype=torch.int64, device=device),
+                    torch.zeros(0, dtype=torch.int64, device=device),
+                    torch.zeros(0, 4, dtype=rows[0].dtype, device=device))
+        return torch.cat(pos_rows), torch.cat(pos_labels), torch.cat(pos_targets)
+
+    def _box_loss(self, box_regression, at, labels, targets, num_images) -> torch.Tensor:
+        """torchvision's smooth-L1 (``beta = 1/9``) of rows ``at`` of ``box_regression`` for
+        their ``labels``, normalised by ``batch_size_per_image * num_images``."""
+        if at.numel() == 0:
             return box_regression.sum() * 0.0
-        pos = torch.cat(pos_rows)
+        normalizer = self.fg_bg_sampler.batch_size_per_image * num_images
         reg = box_regression.reshape(box_regression.shape[0], -1, 4)
-        loss = F.smooth_l1_loss(reg[pos, torch.cat(pos_labels)], torch.cat(pos_targets),
-                                beta=1 / 9, reduction="sum")
+        loss = F.smooth_l1_loss(reg[at, labels], targets, beta=1 / 9, reduction="sum")
         return loss / normalizer
 
     def _note_cap(self, probs: torch.Tensor, boxes: torch.Tensor, image_ids: torch.Tensor):

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.ops import roi_align, roi_pool
+from torchvision.ops import roi_align
 
 from mapdet.models.backbones import build_backbone_and_head
+from mapdet.models.roi_pool import roi_pool
 
 __all__ = ["ROI_OPS", "FastRCNN"]
 

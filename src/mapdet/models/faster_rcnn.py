@@ -46,9 +46,10 @@ from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, roi_pool
+from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
 from mapdet.models.backbones import SmallBackbone, fetch_weights
+from mapdet.models.roi_pool import roi_pool
 
 __all__ = [
     "FASTER_RCNN_BACKBONES",
@@ -199,7 +200,8 @@ class SingleLevelRoIPool(nn.Module):
     """RoI max pooling on the one feature level ``"0"``, with ``MultiScaleRoIAlign``'s call
     signature: ``(features {"0": (B, C, h, w)}, boxes [(R_b, 4)], image_shapes) ->
     (sum R_b, C, output_size, output_size)``, boxes in input pixels (``spatial_scale`` maps
-    them to the feature map)."""
+    them to the feature map). Without autograd, on the CPU, the faster kernel of
+    :mod:`mapdet.models.roi_pool` (same numbers as ``torchvision.ops.roi_pool``)."""
 
     def __init__(self, output_size: int, spatial_scale: float):
         super().__init__()

@@ -1,0 +1,144 @@
+"""mapdet.row_subset (backward through a subset of rows) and mapdet.models.roi_pool (the
+no-autograd RoI max pooling, against torchvision's kernel)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torchvision.ops import roi_pool as tv_roi_pool
+
+from mapdet.models.roi_pool import roi_pool, roi_pool_nograd
+from mapdet.row_subset import (
+    attach_grad,
+    loss_and_grad,
+    row_dependence,
+    rows_with_grad,
+    split_rows,
+)
+
+# ----------------------------------------------------------------------------- row_subset
+
+
+def test_attach_grad_keeps_the_value_and_hands_the_gradient():
+    value = torch.tensor(0.123456789)
+    x = torch.randn(5, 3, requires_grad=True)
+    p = torch.softmax(x, 1)
+    g = torch.randn(5, 3)
+    want = torch.autograd.grad((p * g).sum(), x, retain_graph=True)[0]  # through the softmax
+    out = attach_grad(value, p, g)
+    assert out.item() == value.item()
+    out.backward()
+    torch.testing.assert_close(x.grad, want)
+
+
+def test_loss_and_grad_is_the_gradient_of_the_loss():
+    probs = torch.rand(6, 4)
+    w = torch.randn(6, 4)
+    with torch.no_grad():  # whatever the caller's mode
+        value, grad = loss_and_grad(lambda p: (p * w).sum() ** 2, probs)
+    s = (probs * w).sum()
+    assert value.item() == pytest.approx((s**2).item())
+    torch.testing.assert_close(grad, 2 * s * w)
+    value, grad = loss_and_grad(lambda p: torch.tensor(1.0), probs)  # no dependence
+    assert value.item() == 1.0 and not grad.any()
+
+
+def test_the_subset_backward_equals_the_full_backward_for_independent_rows():
+    """The mechanism on a plain MLP head: gradients of every parameter agree."""
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 5))
+    x = torch.randn(40, 8)
+    g = torch.zeros(40, 4)
+    g[[3, 17, 30]] = torch.randn(3, 4)
+
+    def loss_fn(p):
+        return (p * g).sum()
+
+    full = torch.softmax(head(x), 1)[:, 1:]
+    loss_fn(full).backward()
+    want = [p.grad.clone() for p in head.parameters()]
+    head.zero_grad()
+    with torch.no_grad():
+        scores = torch.softmax(head(x), 1)[:, 1:]
+    value, grad = loss_and_grad(loss_fn, scores)
+    rows = rows_with_grad(grad)
+    assert rows.tolist() == [3, 17, 30]
+    sub = torch.softmax(head(x[rows]), 1)[:, 1:]
+    attach_grad(value, sub, grad[rows]).backward()
+    for a, b in zip((p.grad for p in head.parameters()), want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_split_rows():
+    rows = torch.tensor([0, 2, 5, 6, 9])
+    parts = split_rows(rows, [3, 0, 4, 3])
+    assert [p.tolist() for p in parts] == [[0, 2], [], [2, 3], [2]]
+    assert [p.tolist() for p in split_rows(torch.zeros(0, dtype=torch.int64), [2, 2])] == [[], []]
+
+
+def test_row_dependence_names_batchnorm_and_dropout_in_training_mode():
+    assert row_dependence(nn.Sequential(nn.Linear(2, 2), nn.GroupNorm(1, 2))) is None
+    assert row_dependence(nn.Dropout(0.0)) is None
+    head = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    assert "Sequential.1 (BatchNorm1d)" in row_dependence(nn.Linear(2, 2), head)
+    head.eval()
+    assert row_dependence(head) is None
+    assert "batch's statistics" in row_dependence(
+        nn.BatchNorm1d(2, track_running_stats=False).eval())
+    drop = nn.Dropout(0.5)
+    assert "Dropout, p=0.5" in row_dependence(drop)
+    assert row_dependence(drop.eval()) is None
+
+
+# ----------------------------------------------------------------------------- roi_pool
+
+
+@st.composite
+def _roi_cases(draw):
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    b = draw(st.integers(1, 3))
+    c = draw(st.integers(1, 9))
+    h, w = draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    stride = draw(st.sampled_from([1, 4, 8, 16, 3]))
+    feats = rng.standard_normal((b, c, h, w)).astype(np.float32)
+    if draw(st.booleans()):  # ties and a constant region
+        feats = np.round(feats).astype(np.float32)
+    boxes = []
+    for _ in range(b):
+        n = draw(st.integers(0, 6))
+        # Coordinates on a half-pixel grid of the feature map (rounding ties), some outside
+        # the map, some degenerate (x2 < x1).
+        xy = rng.integers(-4, 2 * max(h, w) + 4, (n, 4)) / 2.0 * stride
+        if draw(st.booleans()):
+            xy = rng.uniform(-10, (max(h, w) + 2) * stride, (n, 4))
+        boxes.append(torch.from_numpy(xy.astype(np.float32)))
+    p = draw(st.integers(1, 7))
+    return torch.from_numpy(feats), boxes, p, 1.0 / stride
+
+
+@settings(max_examples=200, deadline=None)
+@given(_roi_cases())
+def test_roi_pool_nograd_equals_torchvision_bit_for_bit(case):
+    feats, boxes, p, scale = case
+    want = tv_roi_pool(feats, boxes, p, scale)
+    got = roi_pool_nograd(feats, boxes, p, scale)
+    assert got.shape == want.shape
+    assert torch.equal(got, want)
+
+
+def test_roi_pool_picks_torchvision_when_a_graph_is_needed():
+    feats = torch.randn(1, 3, 6, 6, requires_grad=True)
+    boxes = [torch.tensor([[0.0, 0.0, 20.0, 12.0]])]
+    out = roi_pool(feats, boxes, 2, 0.25)
+    assert out.grad_fn is not None
+    out.sum().backward()
+    assert feats.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert torch.equal(roi_pool(feats, boxes, 2, 0.25), out.detach())
+    with pytest.raises(ValueError, match="float32 CPU"):
+        roi_pool_nograd(feats.detach().double(), boxes, 2, 0.25)
