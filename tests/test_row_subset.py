@@ -142,3 +142,70 @@ def test_roi_pool_picks_torchvision_when_a_graph_is_needed():
         assert torch.equal(roi_pool(feats, boxes, 2, 0.25), out.detach())
     with pytest.raises(ValueError, match="float32 CPU"):
         roi_pool_nograd(feats.detach().double(), boxes, 2, 0.25)
+
+
+# ----------------------------------------------------------- the Fast R-CNN pipeline's step
+
+
+def _fast_rcnn_batch(seed: int = 0, num_images: int = 2, size: int = 64):
+    from mapdet.engine.data_loading import Sample, collate
+
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for i in range(num_images):
+        xy = torch.rand(3, 2, generator=g) * 30
+        gt = torch.cat([xy, xy + 10 + torch.rand(3, 2, generator=g) * 20], 1)
+        pxy = torch.rand(60, 2, generator=g) * 40
+        props = torch.cat([pxy, pxy + 4 + torch.rand(60, 2, generator=g) * 24], 1)
+        props[:12] = gt.repeat(4, 1) + torch.randn(12, 4, generator=g)  # some foreground
+        samples.append(Sample(
+            image=torch.randn(3, size, size, generator=g), boxes=gt,
+            labels=torch.randint(0, 3, (3,), generator=g), difficult=torch.tensor([0, 0, 1]).bool(),
+            proposals=props.clamp(0, size), size=(size, size), scale=1.0, flipped=False, index=i,
+            image_id=str(i), orig_size=(size, size)))
+    return collate(samples)
+
+
+def _fast_rcnn_step(model, batch, cfg):
+    from mapdet import MAPLoss
+    from mapdet.engine.steps import map_loss
+
+    criterion = MAPLoss(num_threads=1)
+    gens = [torch.Generator().manual_seed(7 + b) for b in range(len(batch.samples))]
+    loss, stats = map_loss(model, batch, cfg, criterion, gens)
+    model.zero_grad()
+    loss.backward()
+    return loss.detach(), stats, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_the_fast_rcnn_map_step_recomputes_few_rows_and_equals_the_full_path(monkeypatch):
+    from mapdet.config import config_from_dict
+    from mapdet.engine import steps
+    from mapdet.models import FastRCNN
+
+    cfg = config_from_dict({"train": {"rois_per_image": 16}})
+    torch.manual_seed(0)
+    model = FastRCNN("small", 3, fc_dim=32, dropout=0.0).train()
+    batch = _fast_rcnn_batch()
+    assert steps.full_path_reason(model) is None
+    loss_s, stats_s, grads_s = _fast_rcnn_step(model, batch, cfg)
+    monkeypatch.setattr(steps, "full_path_reason", lambda m: "forced")
+    loss_f, stats_f, grads_f = _fast_rcnn_step(model, batch, cfg)
+    assert stats_f["grad_rows"] == 120 and 0 < stats_s["grad_rows"] < 120
+    assert loss_s.item() == pytest.approx(loss_f.item(), rel=1e-6)
+    assert stats_s["loss_map"] == stats_f["loss_map"]
+    assert grads_f["cls_score.weight"].abs().sum() > 0
+    assert grads_f["backbone.0.0.weight"].abs().sum() > 0
+    for name in grads_f:
+        torch.testing.assert_close(grads_s[name], grads_f[name], rtol=1e-4, atol=1e-7,
+                                   msg=name)
+
+
+def test_a_fast_rcnn_head_with_dropout_takes_the_full_path():
+    from mapdet.engine.steps import full_path_reason
+    from mapdet.models import FastRCNN
+
+    model = FastRCNN("small", 3, fc_dim=32, dropout=0.5).train()
+    assert "Dropout, p=0.5" in full_path_reason(model)
+    assert full_path_reason(model.eval()) is None
+    assert "not a FastRCNN" in full_path_reason(nn.Linear(2, 2))

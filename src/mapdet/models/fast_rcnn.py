@@ -7,14 +7,18 @@ logits per RoI (background at index 0) and ``K+1`` sets of box deltas per RoI.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 from torch import nn
 from torchvision.ops import roi_align
 
 from mapdet.models.backbones import build_backbone_and_head
 from mapdet.models.roi_pool import roi_pool
+from mapdet.row_subset import split_rows
 
-__all__ = ["ROI_OPS", "FastRCNN"]
+__all__ = ["ROI_OPS", "FastRCNN", "RowSubsetOutput"]
 
 ROI_OPS = ("pool", "align")
 
@@ -111,18 +115,49 @@ class FastRCNN(nn.Module):
         return logits, deltas
 
     def forward(
-        self, images: torch.Tensor, rois: list[torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self,
+        images: torch.Tensor,
+        rois: list[torch.Tensor],
+        grad_rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | RowSubsetOutput:
         """Class logits and box deltas of every RoI.
 
         Args:
             images: ``(B, 3, H, W)`` float, normalised (padded batch).
             rois: ``B`` tensors ``(R_b, 4)`` float xyxy, continuous pixel coordinates of
                 ``images``.
+            grad_rows: for a loss whose gradient reaches few rows (the mAP loss, see
+                :mod:`mapdet.row_subset`): every RoI is scored without autograd, then
+                ``grad_rows(class_logits, box_deltas)`` returns the ascending global indices
+                ``(R',)`` int64 of the rows the loss needs gradients for, and only those are
+                recomputed with autograd. The backbone runs once, with autograd. Exact only
+                when the RoI head's rows are independent (``row_dependence(roi_head)`` is
+                ``None``); it is one forward call so that ``DistributedDataParallel`` sees it.
 
         Returns:
             ``class_logits (R, K+1)`` (background at column 0) and ``box_deltas (R, K+1, 4)``
-            (see ``box_coder.decode``), RoIs concatenated in image order, ``R = sum R_b``.
+            (see ``box_coder.decode``), RoIs concatenated in image order, ``R = sum R_b``;
+            with ``grad_rows``: a :class:`RowSubsetOutput`.
         """
         features = self.backbone(images)
-        return self.predict(self.roi_head(self.pool_rois(features, rois)))
+        if grad_rows is None:
+            return self.predict(self.roi_head(self.pool_rois(features, rois)))
+        with torch.no_grad():
+            logits, deltas = self.predict(self.roi_head(self.pool_rois(features, rois)))
+        rows = grad_rows(logits, deltas)
+        local = split_rows(rows, [r.shape[0] for r in rois])
+        sub = [r[i.to(r.device)] for r, i in zip(rois, local, strict=True)]
+        sub_logits, sub_deltas = self.predict(self.roi_head(self.pool_rois(features, sub)))
+        return RowSubsetOutput(logits, deltas, rows, sub_logits, sub_deltas)
+
+
+class RowSubsetOutput(NamedTuple):
+    """:meth:`FastRCNN.forward` with ``grad_rows``: ``class_logits (R, K+1)`` and
+    ``box_deltas (R, K+1, 4)`` of every RoI (no autograd graph), the recomputed ``rows (R',)``
+    and their ``sub_logits (R', K+1)``, ``sub_deltas (R', K+1, 4)`` (with autograd)."""
+
+    class_logits: torch.Tensor
+    box_deltas: torch.Tensor
+    rows: torch.Tensor
+    sub_logits: torch.Tensor
+    sub_deltas: torch.Tensor
