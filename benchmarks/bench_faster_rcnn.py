@@ -10,11 +10,20 @@ Two detectors on the digits benchmark (160 px images, 2 images per minibatch, CP
   :func:`mapdet.engine.steps.softmax_loss` vs :func:`mapdet.engine.steps.map_loss`.
 
 Each iteration is forward, backward and an SGD step on the same minibatches (cycled), the
-median over ``--repeats`` after a warm-up. The mAP iteration's extra time over the softmax
-one is split into: the RoI head's forward (Faster R-CNN: RoI pooling + head + predictor;
-Fast R-CNN: the FC head + predictor), the backward pass, the conversion to numpy
-(``windows_from_tensors``), the AP and its pseudo-gradient (core), and the rest (RPN,
-sampling, box loss, SGD step, Python).
+median over ``--repeats`` after a warm-up. The mAP iteration scores every proposal without
+autograd and recomputes with autograd only the rows with a nonzero pseudo-gradient or a box
+target (``mapdet.row_subset``; ``--full-path`` runs the old single forward with autograd over
+every row instead). Where its time goes, against the softmax iteration:
+
+- *head, all rows*: the RoI head's forward over every proposal without autograd (Faster
+  R-CNN: RoI pooling + box head + predictor; Fast R-CNN: RoI pooling + FC head + predictor);
+- *head, grad rows*: its forward with autograd over the recomputed rows (softmax: over the
+  sampled RoIs), as a difference to the softmax iteration's;
+- *backward*: the backward pass, as a difference;
+- *to numpy*: ``windows_from_tensors``; *loss*: the AP and its pseudo-gradient (core);
+- *cap*: Faster R-CNN's ``detections_per_img`` check (``check_cap``);
+- *rest*: everything else, as a difference (RPN, sampling, box decoding, box loss, SGD step,
+  Python); *rows*: the mean number of rows recomputed with autograd per minibatch.
 ``--checkpoint-faster``/``--checkpoint-fast`` load trained weights: an untrained model scores
 every window above the 0.05 threshold in every class, the worst case for the loss.
 
@@ -26,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import os
 import platform
 import statistics
 import tempfile
@@ -38,10 +48,12 @@ import torch
 import mapdet.loss as loss_module
 from mapdet.config import load_config
 from mapdet.engine import checkpoint as ckpt
+from mapdet.engine import steps
 from mapdet.engine.builders import build_criterion, build_dataset, build_model, build_proposals
 from mapdet.engine.data_loading import ImageLoader, collate
 from mapdet.engine.faster_rcnn import faster_rcnn_loss
 from mapdet.engine.steps import map_loss, softmax_loss
+from mapdet.torchvision import MAPRoIHeads
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -61,10 +73,12 @@ class Timers:
             self.t[name] += time.perf_counter() - t0
 
     def wrap_forward(self, module: torch.nn.Module, name: str) -> None:
+        """Time ``module``'s forward as ``name`` (with autograd) or ``name + "_all"``
+        (without)."""
         forward = module.forward
 
         def timed(*args, **kwargs):
-            with self.time(name):
+            with self.time(name if torch.is_grad_enabled() else name + "_all"):
                 return forward(*args, **kwargs)
 
         module.forward = timed
@@ -88,13 +102,13 @@ def _batches(cfg, n_batches: int, proposals=None):
     return [collate([loader[(i * b + j, False)] for j in range(b)]) for i in range(n_batches)]
 
 
-def _iterations(soft, mapm, batches, repeats: int, timers: Timers):
+def _iterations(soft, mapm, batches, repeats: int, timers: Timers, rows=None):
     """``(softmax rows, mAP rows)``: ``soft``/``mapm`` are ``(step, model)``; the two
     iterations alternate on the same minibatch, so that a change in the machine's load hits
     both alike."""
     opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-9,
                             momentum=0.9) for _, m in (soft, mapm)]
-    rows: tuple[list, list] = ([], [])
+    out: tuple[list, list] = ([], [])
     for i in range(repeats + 1):
         batch = batches[i % len(batches)]
         for k, ((step, model), opt) in enumerate(zip((soft, mapm), opts, strict=True)):
@@ -107,8 +121,9 @@ def _iterations(soft, mapm, batches, repeats: int, timers: Timers):
             opt.step()
             total = time.perf_counter() - t0
             if i > 0:  # the first round is the warm-up (numba compilation, allocations)
-                rows[k].append({"total": total, **timers.t})
-    return rows
+                out[k].append({"total": total, **timers.t,
+                               "rows": float(rows(model)) if rows and k == 1 else 0.0})
+    return out
 
 
 def _median(rows, key):
@@ -116,17 +131,23 @@ def _median(rows, key):
 
 
 def _report(name: str, soft_rows, map_rows, extra: str) -> str:
-    """One table row: both iterations, their ratio, and the mAP iteration's extra time split
-    into its parts (each the mAP iteration's median minus the softmax one's)."""
-    keys = ("head", "to_numpy", "ap_grad", "backward")
+    """One table row: both iterations, their ratio, and where the mAP iteration's time goes
+    (absolute, or as a difference to the softmax iteration's: see the module doc)."""
+    keys = ("head", "head_all", "to_numpy", "ap_grad", "cap", "backward", "rows")
     soft = {k: _median(soft_rows, k) for k in ("total", *keys)}
     mp = {k: _median(map_rows, k) for k in ("total", *keys)}
     delta = {k: mp[k] - soft[k] for k in mp}
-    rest = delta["total"] - sum(delta[k] for k in keys)
-    return (f"| {name} | {extra} | {1000 * soft['total']:.0f} | {1000 * mp['total']:.0f} | "
+    rest = delta["total"] - sum(delta[k] for k in keys if k != "rows")
+    rows = statistics.mean(r["rows"] for r in map_rows)
+
+    def ms(x):
+        return f"{1000 * x:.1f}" if abs(x) < 0.01 else f"{1000 * x:.0f}"
+
+    return (f"| {name} | {extra} | {ms(soft['total'])} | {ms(mp['total'])} | "
             f"{mp['total'] / soft['total']:.2f}x | {1000 * delta['total']:+.0f} | "
-            f"{1000 * delta['head']:+.0f} | {1000 * delta['backward']:+.0f} | "
-            f"{1000 * mp['to_numpy']:.1f} | {1000 * mp['ap_grad']:.0f} | {1000 * rest:+.0f} |")
+            f"{ms(mp['head_all'])} | {1000 * delta['head']:+.0f} | "
+            f"{1000 * delta['backward']:+.0f} | {ms(mp['to_numpy'])} | {ms(mp['ap_grad'])} | "
+            f"{ms(mp['cap'])} | {1000 * rest:+.0f} | {rows:.0f} |")
 
 
 def bench_faster(args, timers: Timers, data_root: Path) -> list[str]:
@@ -144,6 +165,7 @@ def bench_faster(args, timers: Timers, data_root: Path) -> list[str]:
         cfg.train.loss = "map"
         build_criterion(cfg, model=mapm)
         mapm.roi_heads.map_loss.num_threads = 1
+        mapm.roi_heads.sparse_backward = not args.full_path
         for model in (soft, mapm):
             model.train()
             for mod in (model.roi_heads.box_roi_pool, model.roi_heads.box_head,
@@ -154,7 +176,7 @@ def bench_faster(args, timers: Timers, data_root: Path) -> list[str]:
             return faster_rcnn_loss(model, batch)[0]
 
         soft_rows, map_rows = _iterations((step, soft), (step, mapm), batches, args.repeats,
-                                          timers)
+                                          timers, rows=lambda m: m.roi_heads.last_grad_rows)
         lines.append(_report("Faster R-CNN (torchvision)", soft_rows, map_rows,
                              f"{n} proposals/img vs {cfg.train.rois_per_image} sampled"))
     return lines
@@ -177,14 +199,22 @@ def bench_fast(args, timers: Timers, data_root: Path, cache: Path) -> list[str]:
     for m in (model, model_map):
         for mod in (m.roi_head, m.cls_score, m.bbox_pred):
             timers.wrap_forward(mod, "head")
+        timers.wrap_function(m, "pool_rois", "head")
     gens = [torch.Generator().manual_seed(i) for i in range(cfg.train.images_per_batch)]
     cfg.train.loss = "map"
     criterion = build_criterion(cfg)
     criterion.num_threads = 1
+    last = {}
+
+    def map_step(m, b):
+        loss, last["stats"] = map_loss(m, b, cfg, criterion, gens)
+        return loss
+
+    if args.full_path:
+        steps.full_path_reason = lambda m: "--full-path"
     soft_rows, map_rows = _iterations(
-        (lambda m, b: softmax_loss(m, b, cfg, gens)[0], model),
-        (lambda m, b: map_loss(m, b, cfg, criterion, gens)[0], model_map),
-        batches, args.repeats, timers)
+        (lambda m, b: softmax_loss(m, b, cfg, gens)[0], model), (map_step, model_map),
+        batches, args.repeats, timers, rows=lambda m: last["stats"]["grad_rows"])
     return [_report("Fast R-CNN (mapdet)", soft_rows, map_rows,
                     f"{per_img:.0f} SS proposals/img vs {cfg.train.rois_per_image} sampled")]
 
@@ -201,11 +231,14 @@ def main(argv=None) -> None:
     ap.add_argument("--checkpoint-faster", help="trained Faster R-CNN weights (digits config)")
     ap.add_argument("--checkpoint-fast", help="trained Fast R-CNN weights (digits config)")
     ap.add_argument("--data", type=Path, default=None, help="where to write the data")
+    ap.add_argument("--full-path", action="store_true",
+                    help="mAP iteration: one forward with autograd over every proposal")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     timers = Timers()
     timers.wrap_function(loss_module, "windows_from_tensors", "to_numpy")
     timers.wrap_function(loss_module, "ap_pseudo_gradient_multiclass", "ap_grad")
+    timers.wrap_function(MAPRoIHeads, "_note_cap", "cap")
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data or Path(tmp)
         lines = []
@@ -213,11 +246,13 @@ def main(argv=None) -> None:
             lines += bench_faster(args, timers, root / "digits_frcnn")
         if args.only in (None, "fast"):
             lines += bench_fast(args, timers, root / "digits_fast", root / "cache")
-    print(f"{platform.machine()}, torch threads {args.threads}, median of {args.repeats} "
-          f"iterations (2 images of 160 px, forward + backward + SGD step), ms")
-    print("| detector | windows | softmax it. | mAP it. | ratio | extra | of which: head fwd | "
-          "backward | to numpy | AP + pseudo-grad | rest |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    path = "full path" if args.full_path else "row subset"
+    print(f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} "
+          f"at the end, torch threads {args.threads}, median of {args.repeats} iterations "
+          f"(2 images of 160 px, forward + backward + SGD step), mAP step: {path}, ms")
+    print("| detector | windows | softmax it. | mAP it. | ratio | extra | head, all rows | "
+          "head, grad rows | backward | to numpy | loss | cap | rest | rows |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(lines))
 
 

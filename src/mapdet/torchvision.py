@@ -7,7 +7,16 @@ same ``state_dict`` keys for the weights) so that in **training mode** its forwa
 1. takes **every** RPN proposal of every image as a window (the paper's "all windows": no
    512-RoI sampling), optionally the first ``max_proposals`` of each image;
 2. runs the box head once over the proposals and the ground-truth boxes (appended, as
-   torchvision's ``add_gt_proposals`` does; they only serve the box regression);
+   torchvision's ``add_gt_proposals`` does; they only serve the box regression). With
+   ``sparse_backward=True`` (the default) that pass runs **without autograd**, and only the
+   rows with a nonzero pseudo-gradient or a box-regression target (about 40 of 600 on a
+   trained digits model) are recomputed with autograd and backpropagated
+   (:mod:`mapdet.row_subset`): the same loss and, to float rounding, the same gradients,
+   because torchvision's ``TwoMLPHead`` (ResNet-50-FPN v1, MobileNetV3-FPN, ResNet-18-FPN,
+   ``small``) computes each row on its own. A box head with BatchNorm in training mode
+   (``fasterrcnn_resnet50_fpn_v2``'s ``FastRCNNConvFCHead`` trained from scratch) or dropout
+   is recognised and takes the full path: one forward with autograd over every row
+   (``last_full_path`` says why);
 3. decodes the class-specific boxes of the proposals with the model's own ``box_coder``,
    clipped to the image (``clip_boxes_to_image``), exactly as ``postprocess_detections`` does;
 4. hands ``softmax(class_logits)[:, 1:]`` ``(N, K)``, those boxes ``(N, K, 4)`` and the
@@ -33,13 +42,18 @@ Where the loss and test time still differ (named, not silent):
 - ``detections_per_img`` (at most 100 detections per image over all classes) couples the
   classes, which the AP's pseudo-gradient (per class) does not model. When an image of the
   minibatch has more detections after NMS than the cap, the loss's AP counts them all:
-  ``last_capped_images`` says how many images did, and a warning is issued the first time.
+  ``last_capped_images`` says how many images did, and a warning is issued the first time
+  (``check_cap=False`` skips this check: it costs one NMS per image with more candidates
+  than the cap).
 - Windows whose scores tie exactly: MAPLoss orders them by index, torchvision's NMS by its
   sort, which does not promise an order.
 - The windows are the RPN's training-mode proposals (``rpn.post_nms_top_n`` for training,
   2000 by default), test time sees its testing-mode ones (1000).
 
-Only the score threshold and NMS threshold of the loss are the model's; ``MAPLoss``'s other
+The loss's score and NMS thresholds are set from the model's by :func:`use_map_loss` and
+checked at every step: changing ``roi_heads.score_thresh``/``nms_thresh`` afterwards is an
+error naming both values until ``use_map_loss`` is called again (which validates them).
+Only these two options of the loss are the model's; ``MAPLoss``'s other
 options (``match_iou``, ``ap_method``, ``min_step``, ``form``, ``memory``, ``distributed``,
 ``num_threads``) are the keyword arguments of :func:`use_map_loss`. Passing
 ``score_threshold``/``nms_iou`` that differ from the model's is an error naming both.
