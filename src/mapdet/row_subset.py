@@ -3,7 +3,8 @@
 A RoI head maps each window (a row: one proposal's pooled features) to ``K+1`` class logits
 and box deltas. The mAP loss sees every window, but its gradient ``G = dL/dprobs (N, K)``
 is nonzero on few rows: a pseudo-partial is nonzero only where moving one score changes the
-AP after NMS (on a trained digits model about 2 of 600 rows), and the box-regression loss
+AP after NMS (on trained digits models from a few to a few hundred of 600 rows,
+measured by `benchmarks/bench_faster_rcnn.py`), and the box-regression loss
 beside it needs only the sampled foreground rows. A training step can therefore
 
 1. score all ``N`` rows **without autograd** (no activations kept, no backward over them);
