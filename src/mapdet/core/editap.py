@@ -292,7 +292,7 @@ def edited_ap(base, pool, edits, mv_w, mv_gap, gt, weights, thetas, scratch):
     for t in range(thetas.size):
         theta = thetas[t]
         # Ground truths whose holder may change: those of removed or inserted claimants.
-        na = 0
+        na = np.int64(0)  # typed: a literal 0 would compile _add_unique twice
         for k in range(n_rem):
             d = det[rem[k]]
             g = best[d]

@@ -103,110 +103,102 @@ def _holder_run(g, base, removed, run_id, nr):
 
 
 @njit(cache=True, nogil=True)
-def _change_walk(up, i, r_lo, r_hi, monotone, rp, f0, tol, mu, s, runs, ctx, stats):
-    """Nearest change (either sign) over the runs ``r_lo..r_hi`` (as :func:`_walk`).
-
-    Along a walk in a fixed state, with one threshold, ``i``'s label is that of an FP while
-    its ground truth's first claimant (run ``rp``) is above it and a TP past it; the other
-    labels do not change. Moving an FP up (a TP down) never raises the AP, moving a TP up (an
-    FP down) never lowers it, so the AP is monotone on each side of ``rp``: each side is one
-    monotone walk, the nearer side first (up: runs ``> rp``, then ``<= rp``; down: runs
-    ``< rp``, then ``>= rp``). ``rp = -1`` (up) or the run count (down) when ``i`` is an FP
-    or ignored everywhere. Not ``monotone`` (several thresholds, ``i`` a TP at one): scanned.
-    """
-    if not monotone:
-        return _walk(up, i, r_lo, r_hi, monotone, True, f0, tol, mu, s, runs, ctx, stats)
-    if up:
-        a_lo, a_hi, b_lo, b_hi = max(r_lo, rp + 1), r_hi, r_lo, min(r_hi, rp)
-    else:
-        a_lo, a_hi, b_lo, b_hi = r_lo, min(r_hi, rp - 1), max(r_lo, rp), r_hi
-    slope, gain = _walk(up, i, a_lo, a_hi, monotone, True, f0, tol, mu, s, runs, ctx, stats)
-    if gain == 0.0:
-        slope, gain = _walk(up, i, b_lo, b_hi, monotone, True, f0, tol, mu, s, runs, ctx,
-                            stats)
-    return slope, gain
-
-
-@njit(cache=True, nogil=True)
-def _walk(up, i, r_lo, r_hi, monotone, change, f0, tol, mu, s, runs, ctx, stats):
+def _walk(up, i, r_lo, r_hi, monotone, change, rp, f0, tol, mu, s, runs, ctx, stats):
     """Nearest improvement when ``i`` walks over the runs ``r_lo..r_hi`` (up: from ``r_hi``
     towards ``r_lo``, landing at the run's start; down: from ``r_lo`` on, landing just below
-    the run's end). The NMS state and the other edits are fixed in ``ctx``. Returns the slope.
+    the run's end). The NMS state and the other edits are fixed in ``ctx``.
 
     Candidates are numbered ``j = 0..cnt-1``, nearest first. Monotone walks ("improves" is
     false then true): probe the farthest (no improvement there: none anywhere), then gallop
     from the nearest (``j = 0, 1, 3, 7, ...``) to the first improving probe and binary search
     the bracket: ``O(log distance)`` queries. Otherwise every ``j`` is tried in order.
-    ``change``: look for the nearest change of either sign (``|v - f0| > tol``) instead; a
-    monotone walk then probes the nearest first (its value may already differ), and the rest
-    is monotone ("changes" false then true) when AP is monotone along the walk.
+
+    ``change``: the nearest change of either sign (``|v - f0| > tol``) instead. With one
+    threshold, ``i``'s label along a walk in a fixed state is that of an FP while its ground
+    truth's first claimant (run ``rp``, :func:`_holder_run`) is above it and a TP past it,
+    and no other label changes. Moving an FP up (a TP down) never raises the AP, moving a TP
+    up (an FP down) never lowers it, so the AP is monotone on each side of ``rp``, and each
+    side is searched as one monotone walk, the nearer first (up: runs ``> rp``, then
+    ``<= rp``; down: runs ``< rp``, then ``>= rp``); ``rp = -1`` (up) or the run count
+    (down) when ``i`` is an FP or ignored everywhere. A monotone side probes its nearest run
+    first (its value may already differ); "changes" is then false then true on the rest.
+    ``rp`` is unused without ``change``.
+
     Returns ``(slope, gain)``: ``gain`` is the AP gained at the nearest improvement (change)
     and ``slope`` is ``gain / (delta + mu)``; ``(0, 0)`` where there is none."""
     (run_start, run_end, run_s) = runs
     (base, pool, edits, gt, weights, thetas, scratch) = ctx
-    cnt = r_hi - r_lo + 1
-    if cnt <= 0:
-        return 0.0, 0.0
     if not monotone:
         stats[1] += 1
-    lo = 0  # monotone, once bracketed: the first improving j is in [lo, hi]
-    hi = -1
-    step = 1
-    j = cnt - 1 if monotone else 0
-    probed = not monotone or cnt == 1
-    near = change and monotone and cnt > 1
-    if near:
-        j = 0
-    best_j = -1
-    best_v = 0.0
-    while True:
-        r = r_hi - j if up else r_lo + j
-        gap = run_start[r] if up else run_end[r] + 1
-        v = edited_ap(base, pool, edits, i, gap, gt, weights, thetas, scratch)  # one call site
-        stats[0] += 1
-        better = v > f0 + tol or (change and v < f0 - tol)
-        if better:
-            best_j, best_v = j, v
-        if near:  # nearest first; then the farthest, then gallop from 1
-            near = False
+    sides = 2 if change and monotone else 1
+    for side in range(sides):
+        a, b = r_lo, r_hi  # this side's runs
+        if sides == 2:
+            if up:
+                a, b = (max(r_lo, rp + 1), r_hi) if side == 0 else (r_lo, min(r_hi, rp))
+            else:
+                a, b = (r_lo, min(r_hi, rp - 1)) if side == 0 else (max(r_lo, rp), r_hi)
+        cnt = b - a + 1
+        if cnt <= 0:
+            continue
+        lo = 0  # monotone, once bracketed: the first improving j is in [lo, hi]
+        hi = -1
+        step = 1
+        j = cnt - 1 if monotone else 0
+        probed = not monotone or cnt == 1
+        near = change and monotone and cnt > 1
+        if near:
+            j = 0
+        best_j = -1
+        best_v = 0.0
+        while True:
+            r = b - j if up else a + j
+            gap = run_start[r] if up else run_end[r] + 1
+            v = edited_ap(base, pool, edits, i, gap, gt, weights, thetas, scratch)  # one site
+            stats[0] += 1
+            better = v > f0 + tol or (change and v < f0 - tol)
             if better:
-                break
-            lo = 1
-            j = cnt - 1
-            continue
-        if not monotone:
-            if better or j == cnt - 1:
-                break
-            j += 1
-            continue
-        if not probed:  # the farthest candidate decides whether there is any improvement
-            probed = True
-            if not better:
-                break
-            j = lo
-            continue
-        if hi < 0:  # galloping
-            if better:
+                best_j, best_v = j, v
+            if near:  # nearest first; then the farthest, then gallop from 1
+                near = False
+                if better:
+                    break
+                lo = 1
+                j = cnt - 1
+                continue
+            if not monotone:
+                if better or j == cnt - 1:
+                    break
+                j += 1
+                continue
+            if not probed:  # the farthest candidate decides whether there is any improvement
+                probed = True
+                if not better:
+                    break
+                j = lo
+                continue
+            if hi < 0:  # galloping
+                if better:
+                    hi = j
+                else:
+                    lo = j + 1
+                    if j == cnt - 1:
+                        break  # no improvement anywhere
+                    j = min(cnt - 1, j + step)
+                    step *= 2
+                    continue
+            elif better:
                 hi = j
             else:
                 lo = j + 1
-                if j == cnt - 1:
-                    break  # no improvement anywhere
-                j = min(cnt - 1, j + step)
-                step *= 2
-                continue
-        elif better:
-            hi = j
-        else:
-            lo = j + 1
-        if lo >= hi:
-            break
-        j = (lo + hi) >> 1
-    if best_j < 0:
-        return 0.0, 0.0
-    r = r_hi - best_j if up else r_lo + best_j
-    delta = run_s[r] - s[i] if up else s[i] - run_s[r]
-    return (best_v - f0) / (delta + mu), best_v - f0
+            if lo >= hi:
+                break
+            j = (lo + hi) >> 1
+        if best_j >= 0:
+            r = b - best_j if up else a + best_j
+            delta = run_s[r] - s[i] if up else s[i] - run_s[r]
+            return (best_v - f0) / (delta + mu), best_v - f0
+    return 0.0, 0.0
 
 
 @njit(cache=True, nogil=True)
@@ -336,6 +328,7 @@ def pseudo_gradient_kernel(prob, n_grad, grad, gain, stats):
         run_id[p] = nr - 1
         run_end[nr - 1] = p
     runs = (run_start[:nr], run_end[:nr], run_s[:nr])
+    n_runs = runs[0].size  # typed (nr can reach a callee as a literal 0)
 
     base = build_base(det, best, best_iou, gt_diff, thetas)
     pool = make_pool(thetas.size, max(1, base[2][:, 0, -1].max()), POOL_BYTES)
@@ -376,15 +369,11 @@ def pseudo_gradient_kernel(prob, n_grad, grad, gain, stats):
             r0 = run_id[q0]
             up = 0.0
             up_gain = 0.0
-            if change:
+            if tp_any or change:  # an FP or ignored detection moving up cannot raise the AP
                 r_max = r0 if run_start[r0] < q0 else r0 - 1
-                rp = _holder_run(g, base, removed, run_id, nr) if tp_any else none
-                up, up_gain = _change_walk(go_up, i, zero, r_max, monotone, rp, f0, tol, mu, s,
-                                           runs, ctx, stats)
-            elif tp_any:  # an FP or ignored detection moving up cannot raise the AP
-                r_max = r0 if run_start[r0] < q0 else r0 - 1
-                up, up_gain = _walk(go_up, i, zero, r_max, monotone, change, f0, tol, mu, s, runs,
-                                    ctx, stats)
+                rp = _holder_run(g, base, removed, run_id, n_runs) if change and tp_any else none
+                up, up_gain = _walk(go_up, i, zero, r_max, monotone, change, rp, f0, tol, mu, s,
+                                    runs, ctx, stats)
             # S_down: i removed (one suppression event; chg[i] = 2 marks it gone).
             chg[i] = 2
             n_seeds = zero
@@ -420,13 +409,9 @@ def pseudo_gradient_kernel(prob, n_grad, grad, gain, stats):
                     lo = mid
                 else:
                     hi = mid - 1
-            if change:
-                rp = _holder_run(g, base, removed, run_id, nr) if tp_any else nr
-                down, down_gain = _change_walk(go_down, i, r_first, lo, monotone, rp, f0, tol,
-                                               mu, s, runs, ctx, stats)
-            else:
-                down, down_gain = _walk(go_down, i, r_first, lo, monotone, change, f0, tol, mu,
-                                        s, runs, ctx, stats)
+            rp = _holder_run(g, base, removed, run_id, n_runs) if change and tp_any else n_runs
+            down, down_gain = _walk(go_down, i, r_first, lo, monotone, change, rp, f0, tol, mu, s,
+                                    runs, ctx, stats)
             removed[q0] = False
             ed[COUNT, 0] = 0
             if down == 0.0 and (f_down > f0 + tol or (change and f_down < f0 - tol)):
@@ -466,13 +451,10 @@ def pseudo_gradient_kernel(prob, n_grad, grad, gain, stats):
             if v > f0 + tol or (change and v < f0 - tol):
                 grad[i] = (v - f0) / (b_entry - si + mu)
                 gain[i] = v - f0
-            elif change:
-                rp = _holder_run(g, base, removed, run_id, nr) if tp_any else none
-                grad[i], gain[i] = _change_walk(go_up, i, zero, r_entry - 1, monotone, rp, f0,
-                                                tol, mu, s, runs, ctx, stats)
-            elif tp_any:
-                grad[i], gain[i] = _walk(go_up, i, zero, r_entry - 1, monotone, change, f0, tol,
-                                         mu, s, runs, ctx, stats)
+            elif tp_any or change:
+                rp = _holder_run(g, base, removed, run_id, n_runs) if change and tp_any else none
+                grad[i], gain[i] = _walk(go_up, i, zero, r_entry - 1, monotone, change, rp, f0,
+                                         tol, mu, s, runs, ctx, stats)
             _unload(edits, zero)
     stats[2] += pool[4][2]
     stats[3] += pool[4][3]

@@ -247,7 +247,7 @@ def cascade(seeds, n_seeds, n_events, extra, boxes, nu, rank, graph, base_cnt, b
     (e_ptr, e_idx, lk_ptr, lk_idx, ls_ptr, ls_idx) = graph
     (inq, chg, q) = cs
     hk, hv, pushed, changed = q[0], q[1], q[2], q[3]
-    size = 0
+    size = np.int64(0)  # typed: a literal 0 would compile the heap functions twice
     n_pushed = 0
     for k in range(n_seeds):
         x = seeds[k]
