@@ -129,3 +129,24 @@ def test_release_needs_every_suppressor_gone():
     assert ap == ap_ref == 0.0
     assert g[3] == pytest.approx(0.5 / (0.9 - 0.5 + 1e-3))
     np.testing.assert_allclose(g, g_ref, atol=1e-12)
+
+
+def test_fp_window_above_a_tp_with_a_later_claimant_cannot_gain():
+    # h: a TP; d: a later claimant of the same object (kept: IoU(h, d) < nu), an FP; b: a TP
+    # on another object. i (below the threshold, an FP, overlapping h only) moved above h
+    # suppresses h, and also s, the one window h alone suppresses; d takes the object:
+    # [T, F, T] -> [F, T, T] loses. The kernel decides this without a cascade.
+    obj1, obj2 = [0, 0, 10, 10], [50, 50, 60, 60]
+    h, s_box, d, b, i = [2, 0, 12, 10], [4, 0, 14, 10], [-3, 0, 7, 10], obj2, [5, 0, 15, 10]
+    boxes = np.array([h, s_box, d, b, i], dtype=float)
+    scores = np.array([0.9, 0.7, 0.6, 0.5, 0.02])
+    args = (scores, boxes, [0] * 5, [obj1, obj2], [0, 0])
+    kw = dict(score_threshold=0.05, nms_iou=0.4, min_step=1e-3)
+    assert ap_pseudo_gradient(*args, **kw)[0] == pytest.approx((1 + 2 / 3) / 2)
+    for direction in ("nearest_improvement", "both_summed", "nearest_change"):
+        _, g = ap_pseudo_gradient(*args, direction=direction, **kw)
+        _, g_ref = ap_pseudo_gradient_reference(*args, direction=direction, **kw)
+        np.testing.assert_allclose(g, g_ref, atol=1e-12)
+        assert (g[4] < 0) if direction == "nearest_change" else g[4] == 0.0
+    # [F, T, T]: 1/2, 2/3 -> AP 2/3, a change of -1/6 at distance 0.88.
+    assert g[4] == pytest.approx((2 / 3 - (1 + 2 / 3) / 2) / (0.9 - 0.02 + 1e-3))

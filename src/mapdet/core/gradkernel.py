@@ -225,6 +225,30 @@ def _kept_neighbours(i, boxes, b, dptr, idet, dbox, nu, seeds):
 
 
 @njit(cache=True, nogil=True)
+def _releases_nothing(i, h, boxes, nu, graph, base_cnt):
+    """Whether ``i``, placed above its only kept neighbour ``h``, releases no window: every
+    window that ``h`` alone suppresses overlaps ``i`` (so ``i`` suppresses it in turn).
+
+    Then ``S_up`` is the base list with ``h`` removed and ``i`` inserted just above ``h``'s
+    run, and for an ``i`` that is an FP at every threshold the AP cannot rise (so the
+    nearest-improvement rules give 0 without a cascade or a query). Per threshold, with ``X``
+    the windows tied with ``h`` above it: ``h`` an FP: ``[X, F, ...]`` becomes
+    ``[F, X, ...]``, an FP moving up; ``h`` ignored: an FP inserted; ``h`` a TP whose ground
+    truth's next claimant ``d`` (an FP) takes it: ``[X, T, Y, F(d), Z]`` becomes
+    ``[F, X, Y, T(d), Z]``, i.e. an FP moving up then a TP moving down; ``h`` a TP with no
+    later claimant: a TP turned FP, then moving up. None of these raises the AP (docs/
+    method.md, section 5)."""
+    ls_ptr, ls_idx = graph[4], graph[5]
+    for e in range(ls_ptr[h], ls_ptr[h + 1]):
+        z = ls_idx[e]
+        if base_cnt[z] > 1:
+            break  # sorted by base_cnt: the rest have another kept earlier neighbour
+        if not iou(boxes, i, z) > nu:
+            return False
+    return True
+
+
+@njit(cache=True, nogil=True)
 def _count_below(sorted_arr, v):
     """Number of entries of the ascending ``sorted_arr`` below ``v`` (binary search)."""
     lo = 0
@@ -358,6 +382,7 @@ def pseudo_gradient_kernel(prob, n_grad, grad, gain, stats):
         si = s[i]
         g = best[i]
         tp_any = g >= 0 and not gt_diff[g] and best_iou[i] >= t_min
+        fp_all = g < 0 or best_iou[i] < t_min  # an FP at every threshold
         monotone = not (multi and tp_any)
         if kept[i]:
             # ---- i is a detection at base position q0.
@@ -430,6 +455,9 @@ def pseudo_gradient_kernel(prob, n_grad, grad, gain, stats):
             if n_seeds == 0 and not tp_any and not change:
                 # Enters at the bottom as an FP (an FP after the last TP changes no
                 # precision) and can only lose by moving further up.
+                continue
+            if n_seeds == 1 and fp_all and not change and _releases_nothing(i, seeds[0], boxes,
+                                                                          nu, graph, base_cnt):
                 continue
             b_entry = s[seeds[0]] if n_seeds > 0 else tau
             n_chg, n_push = cascade(seeds, n_seeds, zero, i, boxes, nu, rank, graph, base_cnt,
