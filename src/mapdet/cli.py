@@ -207,10 +207,10 @@ def _config_error(message: str) -> Exception:
 def _class_list(spec: str | None) -> tuple[str, ...] | None:
     """``--classes``: comma-separated names, or a run directory / YAML config whose
     ``data.classes`` is the list (the class list is saved with every run)."""
-    from mapdet.config import ConfigError, config_from_dict, read_yaml_mapping
-
     if spec is None:
         return None
+    from mapdet.config import ConfigError, config_from_dict, read_yaml_mapping
+
     path = Path(spec)
     if path.is_dir() or path.suffix in (".yaml", ".yml"):
         file = path / "config.yaml" if path.is_dir() else path

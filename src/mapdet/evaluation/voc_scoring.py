@@ -19,7 +19,8 @@ operations:
   the first pair reaching it kept (``np.argmax``'s tie rule);
 - **labels**: ``d`` is a TP exactly when it is matched (``IoU >= theta``) to a non-difficult
   ``g`` and is the first such detection of ``g`` in the order; the first occurrence of each
-  ``g`` comes from ``np.unique(..., return_index=True)``.
+  ``g`` comes from a stable sort of the matched ``g`` (what ``np.unique(...,
+  return_index=True)`` does, without its import of ``numpy.ma``).
 
 Devkit arithmetic (``devkit=True``): the IoU is the devkit's plain ``inters / uni``, so a
 pair whose union is 0 (a zero-area detection on a zero-area ground truth, which only a
@@ -144,8 +145,11 @@ def label_detections(best: np.ndarray, best_iou: np.ndarray, difficult: np.ndarr
     hard = difficult[best[matched]]
     labels[matched[hard]] = IGNORED
     free = matched[~hard]
-    _, first = np.unique(best[free], return_index=True)  # first detection of each g
-    labels[free[first]] = TP
+    g = best[free]
+    order = np.argsort(g, kind="stable")  # by g, then detection order
+    run_start = np.ones(order.size, dtype=bool)
+    run_start[1:] = g[order[1:]] != g[order[:-1]]
+    labels[free[order[run_start]]] = TP  # the first detection of each g
     return labels
 
 
