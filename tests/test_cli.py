@@ -124,8 +124,20 @@ def test_proposals_train_eval_detect(tmp_path, tiny_args, capsys):
     assert (run / "eval" / "metrics.json").is_file()
 
     assert main(["eval", "--checkpoint", str(run), "--out", str(tmp_path / "ev"),
-                 "--no-progress"]) == 0
+                 "--no-progress", "--blame", "4"]) == 0
     assert (tmp_path / "ev" / "metrics.json").is_file()
+    # --blame in checkpoint mode names the same detections as scoring its exported result
+    # files with --blame (mode 2), where tests/test_eval_blame.py checks them against ap_blame
+    blamed = json.loads((tmp_path / "ev" / "blame.json").read_text())
+    assert "blame.txt" in capsys.readouterr().out
+    digits_root = Path(tiny_args[0].split("=", 1)[1])
+    assert main(["eval", "--voc", str(digits_root), "--results", str(tmp_path / "ev" / "results"),
+                 "--out", str(tmp_path / "ev2"), "--blame", "4", "--split", "test"]) == 0
+    again = json.loads((tmp_path / "ev2" / "blame.json").read_text())
+    assert blamed["per_class"] == again["per_class"]
+    assert ([(d["image_id"], d["class"], d["score"], d["ap_gain"]) for d in blamed["detections"]]
+            == [(d["image_id"], d["class"], d["score"], d["ap_gain"])
+                for d in again["detections"]])
 
     images = sorted((Path(tiny_args[0].split("=", 1)[1]) / "JPEGImages").glob("*.jpg"))[:2]
     out = tmp_path / "det"

@@ -35,6 +35,16 @@ examples:
 # --------------------------------------------------------------------------------------------
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -103,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a run directory / config.yaml whose data.classes to use (default: the "
                    "20 VOC classes)")
     p.add_argument("--out", type=Path, help="mode 1: output directory; mode 2: metrics.json path")
+    p.add_argument("--blame", nargs="?", type=_positive_int, const=20, default=0, metavar="K",
+                   help="also name the K detections (default 20) whose score change would "
+                   "raise the test AP most, from the pseudo-partials of every detection "
+                   "(mapdet.ap_blame); written to blame.json and blame.txt beside "
+                   "metrics.json, the first 10 printed")
     _add_common(p)
 
     p = sub.add_parser(
@@ -182,8 +197,9 @@ def _cmd_eval(args) -> int:
                                     split=args.split or "test", metric=args.metric,
                                     devkit=not args.continuous, out=args.out,
                                     cache_dir=False if args.no_cache else None,
-                                    class_names=_class_list(args.classes))
+                                    class_names=_class_list(args.classes), blame=args.blame)
         print(report.table())
+        _print_blame(report)
         return 0
     from mapdet.config import ConfigError
 
@@ -193,9 +209,24 @@ def _cmd_eval(args) -> int:
     from mapdet.engine.evaluate import evaluate_checkpoint
 
     report = evaluate_checkpoint(args.checkpoint, config=args.config, overrides=args.overrides,
-                                 split=args.split, out=args.out, progress=not args.no_progress)
+                                 split=args.split, out=args.out, progress=not args.no_progress,
+                                 blame=args.blame)
     print(report.table())
+    _print_blame(report)
     return 0
+
+
+def _print_blame(report, shown: int = 10) -> None:
+    """The first ``shown`` blamed detections, and where all of them were written."""
+    blame = report.blame
+    if blame is None:
+        return
+    print()
+    print(blame.table(limit=shown))
+    if blame.files:
+        print("all " + str(len(blame.entries)) + ": " + ", ".join(str(f) for f in blame.files))
+    elif len(blame.entries) > shown:
+        print(f"(--out keeps all {len(blame.entries)} in blame.json and blame.txt)")
 
 
 def _config_error(message: str) -> Exception:

@@ -139,15 +139,19 @@ def run_inference(
 # --------------------------------------------------------------------------------------------
 
 
-def score_detections(dataset, detections: Detections, cfg: Config) -> dict[str, Any]:
-    """``{metric: EvalResult}`` for each of ``eval.metrics`` (VOC devkit convention)."""
+def score_detections(dataset, detections: Detections, cfg: Config, *, blame: int = 0
+                     ) -> dict[str, Any]:
+    """``{metric: EvalResult}`` for each of ``eval.metrics`` (VOC devkit convention);
+    ``blame > 0``: the first metric's result also names the ``blame`` detections that cost
+    its AP most (:mod:`mapdet.evaluation.blame`)."""
     from mapdet.evaluation.voc import detections_by_class, evaluate_voc
 
     records = [dataset.records[dataset.index_of(i)] for i in detections]
     per_class = detections_by_class(detections, dataset.class_names)
     return {m: evaluate_voc(records, per_class, class_names=dataset.class_names, metric=m,
-                            convention=cfg.eval.convention, match_iou=cfg.eval.match_iou)
-            for m in cfg.eval.metrics}
+                            convention=cfg.eval.convention, match_iou=cfg.eval.match_iou,
+                            blame=blame if j == 0 else 0)
+            for j, m in enumerate(cfg.eval.metrics)}
 
 
 def _coco_metrics(dataset, detections: Detections, cfg: Config, out_dir: Path | None):
@@ -209,9 +213,12 @@ def evaluate_model(
     out: str | Path | None = None,
     progress: bool = True,
     extra: dict[str, Any] | None = None,
+    blame: int = 0,
 ) -> EvalReport:
     """Run ``model`` over ``split`` (``eval.max_images`` > 0: the first that many images),
-    score it, and write the outputs to ``out`` when given."""
+    score it, and write the outputs to ``out`` when given. ``blame > 0``: also the ``blame``
+    detections that cost the AP most (``report.blame``; ``blame.json`` and ``blame.txt``
+    in ``out``)."""
     dataset = dataset if dataset is not None else build_dataset(cfg, split)
     proposals = proposals if proposals is not None else build_proposals(
         cfg, dataset, split, progress=progress)
@@ -227,8 +234,9 @@ def evaluate_model(
     seconds = time.perf_counter() - t0
     ips = n / seconds if seconds > 0 else math.nan
     detections = {r.image_id: gathered[r.image_id] for r in dataset.records[:n]}
-    report = EvalReport(score_detections(dataset, detections, cfg), dataset.class_names,
-                        num_images=n, images_per_sec=ips, extra=dict(extra or {}))
+    results = score_detections(dataset, detections, cfg, blame=blame if env.is_main else 0)
+    report = EvalReport(results, dataset.class_names, num_images=n, images_per_sec=ips,
+                        extra=dict(extra or {}), blame=next(iter(results.values())).blame)
     report.extra["split"] = split_name(cfg, split)
     out_dir = Path(out) if out is not None else None
     coco = _coco_metrics(dataset, detections, cfg, out_dir if env.is_main else None)
@@ -238,6 +246,8 @@ def evaluate_model(
     if out_dir is not None and env.is_main:
         report.out_dir = out_dir
         write_outputs(report, dataset, detections, cfg, out_dir, split_name(cfg, split))
+        if report.blame is not None:
+            report.blame.write(out_dir)
     log.info("%s mAP %.4f on %d images (%.1f images/s)", report.metric, report.mAP, n, ips)
     return report
 
@@ -268,6 +278,7 @@ def evaluate_checkpoint(
     out: str | Path | None = None,
     progress: bool = True,
     train_split: bool | None = None,
+    blame: int = 0,
 ) -> EvalReport:
     """Evaluate a checkpoint (``mapdet eval CONFIG --checkpoint CKPT``).
 
@@ -275,6 +286,7 @@ def evaluate_checkpoint(
     ``overrides`` applied. Outputs go to ``out`` (default ``<run dir>/eval``). On the test
     split, ``train_split`` (default ``eval.train_split_map``) also scores the train split
     and stores it as ``train_split`` in ``metrics.json`` (:func:`train_split_summary`).
+    ``blame``: see :func:`evaluate_model`.
     """
     state = ckpt.load_checkpoint(checkpoint)
     if config is not None:
@@ -306,7 +318,7 @@ def evaluate_checkpoint(
     if (cfg.eval.train_split_map if train_split is None else train_split) and split == "test":
         extra["train_split"] = train_split_summary(model, cfg, progress=progress)
     return evaluate_model(model, cfg, split=split, dataset=dataset, out=out, progress=progress,
-                          extra=extra)
+                          extra=extra, blame=blame)
 
 
 def train_split_summary(model: torch.nn.Module, cfg: Config, *, progress: bool = False

@@ -29,6 +29,8 @@ class EvalReport:
     images_per_sec: float = math.nan
     out_dir: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: :class:`~mapdet.evaluation.blame.BlameReport` of the primary metric (``--blame``).
+    blame: Any = None
 
     @property
     def metric(self) -> str:
@@ -78,7 +80,8 @@ def score_result_files(voc_root: str | Path, results_dir: str | Path, *, year: s
                        split: str = "test", metric: str | None = None, devkit: bool = True,
                        out: str | Path | None = None,
                        cache_dir: str | Path | None | bool = None,
-                       class_names: Sequence[str] | None = None) -> EvalReport:
+                       class_names: Sequence[str] | None = None,
+                       blame: int = 0) -> EvalReport:
     """Score devkit result files against a VOC-layout data set (``mapdet eval --voc``).
 
     ``metric`` defaults to ``voc07`` for VOC 2007 and ``area`` otherwise. ``class_names``:
@@ -88,6 +91,9 @@ def score_result_files(voc_root: str | Path, results_dir: str | Path, *, year: s
     atomically.
     ``cache_dir``: the annotation cache (see
     :func:`~mapdet.evaluation.voc_annotations.load_voc_ground_truth`; ``False``: none).
+    ``blame``: also find the ``blame`` detections that cost the AP most
+    (:mod:`mapdet.evaluation.blame`), written as ``blame.json`` and ``blame.txt`` beside
+    ``metrics.json`` when ``out`` is given.
     """
     from mapdet.data.voc import VOC_CLASSES, read_class_file
     from mapdet.evaluation.voc import evaluate_voc_results_dir
@@ -99,12 +105,16 @@ def score_result_files(voc_root: str | Path, results_dir: str | Path, *, year: s
         class_names = read_class_file(voc_root) or VOC_CLASSES
     result = evaluate_voc_results_dir(voc_root, split, results_dir, metric,
                                       convention="devkit" if devkit else "continuous",
-                                      year=year, class_names=class_names, cache_dir=cache_dir)
-    report = EvalReport({metric: result}, class_names, num_images=result.num_images)
+                                      year=year, class_names=class_names, cache_dir=cache_dir,
+                                      blame=blame)
+    report = EvalReport({metric: result}, class_names, num_images=result.num_images,
+                        blame=result.blame)
     if out is not None:
         out = Path(out)
         if out.suffix != ".json":
             out = out / "metrics.json"
         result.write_json(out)
         report.out_dir = out.parent
+        if report.blame is not None:
+            report.blame.write(report.out_dir)
     return report

@@ -58,6 +58,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -156,6 +157,9 @@ class EvalResult:
         num_images: the number of evaluated images.
         curves: class name -> ``(recall (D',), precision (D',))`` after each non-ignored
             detection (for plots; not in :meth:`to_json`).
+        blame: the detections that cost the AP most (``blame=K`` of the evaluating
+            functions; :class:`~mapdet.evaluation.blame.BlameReport`), else ``None``; not in
+            :meth:`to_json`.
     """
 
     mAP: float
@@ -167,6 +171,7 @@ class EvalResult:
     match_iou: float = 0.5
     num_images: int = 0
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+    blame: Any = field(default=None, repr=False)
 
     @property
     def defined_classes(self) -> list[str]:
@@ -321,14 +326,20 @@ def _convert_boxes(boxes: np.ndarray, box_format: str, convention: str) -> np.nd
 
 def _score_all(
     class_names: Sequence[str], gts: Sequence[ClassGroundTruth], detections, *, metric: str,
-    convention: str, match_iou: float, num_images: int,
+    convention: str, match_iou: float, num_images: int, blame: int = 0,
+    image_ids: Sequence[str] = (),
 ) -> EvalResult:
-    """Score every class; ``detections(c, name)`` gives ``(image, scores, boxes)``."""
+    """Score every class; ``detections(c, name)`` gives ``(image, scores, boxes)``. With
+    ``blame > 0``, also the ``blame`` detections that cost the AP most (``image_ids``: the
+    evaluated images' ids)."""
     devkit = convention == "devkit"
     theta = devkit_threshold(match_iou) if devkit else float(match_iou)
     per_class, npos, ndet, curves = {}, {}, {}, {}
+    kept = []
     for c, (name, gt) in enumerate(zip(class_names, gts, strict=True)):
         image, scores, boxes = detections(c, name)
+        if blame > 0:
+            kept.append((image, scores, boxes, gt))
         ap, rec, prec = score_class(gt, image, scores, boxes, metric=metric, theta=theta,
                                     pixel_offset=1.0 if devkit else 0.0, devkit=devkit)
         per_class[name], npos[name], ndet[name] = ap, gt.npos, int(scores.size)
@@ -339,9 +350,15 @@ def _score_all(
     m_ap = float(np.mean(defined)) if defined else float("nan")
     logger.info("VOC %s (%s convention): mAP %.4f over %d classes, %d images",
                 metric, convention, m_ap, len(defined), num_images)
-    return EvalResult(mAP=m_ap, per_class=per_class, metric=metric, convention=convention,
-                      npos=npos, num_detections=ndet, match_iou=float(match_iou),
-                      num_images=int(num_images), curves=curves)
+    result = EvalResult(mAP=m_ap, per_class=per_class, metric=metric, convention=convention,
+                        npos=npos, num_detections=ndet, match_iou=float(match_iou),
+                        num_images=int(num_images), curves=curves)
+    if blame > 0:
+        from mapdet.evaluation.blame import blame_classes
+
+        result.blame = blame_classes(class_names, kept, image_ids, per_class, metric=metric,
+                                     convention=convention, match_iou=match_iou, k=blame)
+    return result
 
 
 def evaluate_voc(
@@ -353,6 +370,7 @@ def evaluate_voc(
     convention: str = "devkit",
     box_format: str = "continuous",
     match_iou: float = 0.5,
+    blame: int = 0,
 ) -> EvalResult:
     """Score detections against ground truth, class by class (see the module docstring).
 
@@ -372,6 +390,9 @@ def evaluate_voc(
             convention, :func:`detections_by_class`) or ``"raw"`` 1-based inclusive (devkit
             result files, :func:`read_devkit_results`); they are converted as needed.
         match_iou: the IoU threshold (0.5 for VOC).
+        blame: also find the ``blame`` detections that cost the AP most
+            (:mod:`mapdet.evaluation.blame`; their boxes are reported in the convention's
+            format); 0: not.
 
     Returns:
         An :class:`EvalResult`.
@@ -392,7 +413,8 @@ def evaluate_voc(
         class_names, gts,
         lambda c, name: _detection_arrays(name, detections_per_class.get(name, empty), index,
                                           convention, box_format),
-        metric=metric, convention=convention, match_iou=match_iou, num_images=len(records))
+        metric=metric, convention=convention, match_iou=match_iou, num_images=len(records),
+        blame=blame, image_ids=index.ids)
 
 
 def evaluate_voc_results_dir(
@@ -407,6 +429,7 @@ def evaluate_voc_results_dir(
     comp: str = "comp4",
     allow_missing: bool = True,
     cache_dir: str | Path | None | bool = None,
+    blame: int = 0,
 ) -> EvalResult:
     """Score devkit result files against VOC annotations (no image is read).
 
@@ -426,6 +449,9 @@ def evaluate_voc_results_dir(
         allow_missing: see :func:`read_devkit_results`.
         cache_dir: the annotation cache folder (``None``: the default, ``False``: no cache;
             see :func:`~mapdet.evaluation.voc_annotations.load_voc_ground_truth`).
+        blame: also find the ``blame`` detections that cost the AP most
+            (:mod:`mapdet.evaluation.blame`; boxes in the convention's format: in devkit
+            mode as written in the files); 0: not.
 
     Raises:
         ValueError: a result file names an image that is not in the split (the message names
@@ -470,4 +496,5 @@ def evaluate_voc_results_dir(
         return image, scores, _convert_boxes(boxes, "raw", convention)
 
     return _score_all(class_names, gts, detections, metric=metric, convention=convention,
-                      match_iou=0.5, num_images=len(image_ids))
+                      match_iou=0.5, num_images=len(image_ids), blame=blame,
+                      image_ids=image_ids)
