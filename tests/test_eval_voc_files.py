@@ -288,13 +288,13 @@ def test_annotation_cache_is_used_and_invalidated(tmp_path, monkeypatch):
     assert len(files) == 1
 
     calls = []
-    real = voc_annotations.read_voc_objects
+    real = voc_annotations.scan_voc_objects  # every file parsed goes through it first
 
     def counting(*args, **kwargs):
         calls.append(args[0])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(voc_annotations, "read_voc_objects", counting)
+    monkeypatch.setattr(voc_annotations, "scan_voc_objects", counting)
     again = load_voc_ground_truth(base, "test", CLASSES, cache_dir=cache)
     assert calls == []
     for name in ("image", "labels", "difficult", "raw_boxes", "width", "height"):

@@ -8,6 +8,10 @@ order: the devkit (``voc_eval.py``, ``VOCevaldet.m``) counts degenerate boxes
 needs them. The continuous convention uses :meth:`VOCGroundTruth.continuous_boxes`, the
 boxes clipped to the image with the empty ones dropped (exactly those of ``VOCDataset``).
 
+Plain annotation files (nearly all) are read by the fast scanner of
+:mod:`mapdet.evaluation.voc_xml`, which gives the same numbers; any other goes through
+``read_voc_objects``.
+
 **The cache.** Parsing thousands of XML files dominates evaluation from files, so the result
 is cached in one ``.npz`` file per (VOC folder, split, class list): arrays only, read with
 ``allow_pickle=False``, written atomically (:mod:`mapdet.io`). It is valid only while the
@@ -34,6 +38,7 @@ import numpy as np
 
 from mapdet.data.base import AnnotationError
 from mapdet.data.voc import read_split, read_voc_objects
+from mapdet.evaluation.voc_xml import scan_voc_objects
 from mapdet.io import atomic_write_bytes
 
 __all__ = ["CACHE_VERSION", "VOCGroundTruth", "default_cache_dir", "load_voc_ground_truth"]
@@ -142,30 +147,46 @@ def _save_cache(path: Path, gt: VOCGroundTruth, sig: np.ndarray) -> None:
                        path, exc)
 
 
+def _read_file(path: str, size: int) -> bytes:
+    """The bytes of ``path``, whose size ``os.stat`` gave as ``size``: one ``read`` call when
+    the file still has that size, else reads to the end."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = os.read(fd, size + 1)
+        if len(data) == size:
+            return data
+        chunks = [data]
+        while chunks[-1]:
+            chunks.append(os.read(fd, 1 << 16))
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def _parse_all(ann_dir: Path, image_dir: Path, ids: list[str], class_names: Sequence[str],
-               skip_unknown: bool) -> VOCGroundTruth:
+               skip_unknown: bool, sizes: np.ndarray) -> VOCGroundTruth:
     label_of = {c: i for i, c in enumerate(class_names)}
     n = len(ids)
     width = np.zeros(n, dtype=np.int64)
     height = np.zeros(n, dtype=np.int64)
     image, labels, difficult, raw = [], [], [], []
+    folder = str(ann_dir)
     for i, image_id in enumerate(ids):
-        path = ann_dir / f"{image_id}.xml"
-        with open(path, "rb") as f:
-            data = f.read()
-        objs = read_voc_objects(path, label_of, data=data, image_dir=image_dir,
-                                image_id=image_id, skip_unknown=skip_unknown)
+        path = os.path.join(folder, f"{image_id}.xml")
+        data = _read_file(path, int(sizes[i]))
+        objs = scan_voc_objects(data, label_of, skip_unknown=skip_unknown)
+        if objs is None:  # not plain: the reference reader (and its errors)
+            objs = read_voc_objects(Path(path), label_of, data=data, image_dir=image_dir,
+                                    image_id=image_id, skip_unknown=skip_unknown)
         width[i], height[i] = objs.width, objs.height
-        image.append(np.full(objs.labels.size, i, dtype=np.int64))
-        labels.append(objs.labels)
-        difficult.append(objs.difficult)
-        raw.append(objs.raw_boxes)
+        image.extend([i] * len(objs.labels))
+        labels.extend(objs.labels)
+        difficult.extend(objs.difficult)
+        raw.extend(objs.raw_boxes)
     return VOCGroundTruth(
-        list(ids), width, height,
-        np.concatenate(image) if image else np.zeros(0, dtype=np.int64),
-        np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64),
-        np.concatenate(difficult) if difficult else np.zeros(0, dtype=bool),
-        np.concatenate(raw) if raw else np.zeros((0, 4)),
+        list(ids), width, height, np.array(image, dtype=np.int64),
+        np.array(labels, dtype=np.int64), np.array(difficult, dtype=bool),
+        np.array(raw, dtype=np.float64).reshape(-1, 4),
     )
 
 
@@ -212,7 +233,7 @@ def load_voc_ground_truth(
         if gt is not None:
             logger.debug("annotations of %s/%s from the cache %s", base, split, cache)
             return gt
-    gt = _parse_all(ann_dir, base / "JPEGImages", ids, class_names, skip_unknown)
+    gt = _parse_all(ann_dir, base / "JPEGImages", ids, class_names, skip_unknown, sig[:, 0])
     if cache is not None:
         _save_cache(cache, gt, sig)
     return gt
