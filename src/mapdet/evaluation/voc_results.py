@@ -57,11 +57,12 @@ _SHORT_DIGITS = 15
 _MAX_DIGITS = 18
 _POW10 = 10.0 ** np.arange(_MAX_DIGITS + 1)
 _POW10_INT = 10 ** np.arange(_MAX_DIGITS + 1, dtype=np.int64)
-#: ``_KEEP_HIGH[k]`` clears the low ``k`` bytes of a uint64 (``k = 0..8``).
-_KEEP_HIGH = np.array([(0xFFFFFFFFFFFFFFFF << (8 * k)) & 0xFFFFFFFFFFFFFFFF for k in range(9)],
-                      dtype=np.uint64)
+_COLUMNS = np.arange(_MAX_DIGITS + 6, dtype=np.int16)
 #: x86's 80-bit long double has a 64-bit significand: 10^18 and every m < 10^18 are exact.
 _EXTENDED = np.finfo(np.longdouble).nmant >= 63
+#: x87 80-bit long doubles stored little-endian in 16 bytes (x86-64): significand first.
+_X87_LAYOUT = (np.finfo(np.longdouble).nmant == 63 and np.little_endian
+               and np.dtype(np.longdouble).itemsize == 16)
 
 
 class ResultsFormatError(ValueError):
@@ -166,10 +167,10 @@ def parse_decimals(b: np.ndarray, starts: np.ndarray, ends: np.ndarray
 
     A token ``[+-]digits[.digits]`` (the dot anywhere, at least one digit) has the value
     ``±m / 10^f``: ``m`` the integer of its digits, ``f`` its number of fraction digits.
-    The dots are squeezed out of the buffer, each token's last 24 bytes copied to a row of 3
-    words (its digits right-aligned, the bytes before them cleared, every byte checked to be a
-    digit with a bit trick) and ``m`` read 8 digits at a time (:func:`_eight_digits`),
-    exactly, up to 18 digits. The double nearest to ``±m / 10^f``, which is
+    The dots are squeezed out of the buffer, each token's last 24 bytes copied to a row (its
+    digits right-aligned, ``'0'`` subtracted, the bytes before them cleared, every byte
+    checked to be a digit) and ``m`` read from the row's 3 words 8 digits at a time
+    (:func:`_eight_digits`), exactly, up to 18 digits. The double nearest to ``±m / 10^f``, which is
     ``float(token)``:
 
     - up to 15 digits, ``m`` and ``10^f`` are exact doubles and one IEEE division rounds
@@ -210,15 +211,11 @@ def parse_decimals(b: np.ndarray, starts: np.ndarray, ends: np.ndarray
     # rows[t, j] = the j-th of the width bytes that end the squeezed token t, minus '0'
     rows = np.lib.stride_tricks.sliding_window_view(squeezed, width)[new_ends - width]
     rows -= np.uint8(48)
-    words = rows.view("<u8")  # (T, 3); byte j of a word is column 8 * word + j
-    # clear the bytes before the token's digits: the low 8 * k bits of each word
-    lead = (width - np.minimum(ndigits, width))[:, None] - np.arange(0, width, 8)
-    words &= _KEEP_HIGH[np.clip(lead, 0, 8)]
-    # a byte x is a digit value (x <= 9) unless x >= 0x80 or (x & 0x7F) + 0x76 >= 0x80
-    high = np.uint64(0x8080808080808080)
-    bad = ((words & np.uint64(0x7F7F7F7F7F7F7F7F)) + np.uint64(0x7676767676767676)) | words
-    ok &= ~(bad & high).any(axis=1)
-    words = _eight_digits(words)
+    # clear the bytes before the token's digits, then check that the others are digits
+    rows *= _COLUMNS >= (width - np.minimum(ndigits, width)).astype(np.int16)[:, None]
+    bad = (rows > 9).view("<u8")  # (T, 3): nonzero where a byte is not a digit
+    ok &= (bad[:, 0] | bad[:, 1] | bad[:, 2]) == 0
+    words = _eight_digits(rows.view("<u8"))  # byte j of word w is column 8 * w + j
     mantissa = (words[:, 0] * np.uint64(10**16) + words[:, 1] * np.uint64(10**8)
                 + words[:, 2]).astype(np.int64)
     fraction = np.where(ndots == 1, ends - dot_at - 1, 0)
@@ -230,12 +227,19 @@ def parse_decimals(b: np.ndarray, starts: np.ndarray, ends: np.ndarray
             q = mantissa[long].astype(np.longdouble) / _POW10_INT[fraction[long]].astype(
                 np.longdouble)
             values[long] = q.astype(np.float64)
-            frac_bits = (np.frexp(q)[0] * np.longdouble(2.0**64)).astype(np.uint64)
-            ok[long[(frac_bits & np.uint64(0x7FF)) == np.uint64(0x400)]] = False  # halfway
+            ok[long[(_significand(q) & np.uint64(0x7FF)) == np.uint64(0x400)]] = False  # halfway
         else:
             ok[long] = False
     np.negative(values, out=values, where=first == 45)
     return values, ok
+
+
+def _significand(q: np.ndarray) -> np.ndarray:
+    """The 64-bit significands of long doubles ``q`` (x86 extended precision: the low 8
+    bytes of each, read in place; elsewhere through ``frexp``)."""
+    if _X87_LAYOUT:
+        return q.view(np.uint64).reshape(q.size, -1)[:, 0]
+    return (np.frexp(q)[0] * np.longdouble(2.0**64)).astype(np.uint64)
 
 
 def _fast_parse(data: bytes) -> tuple[np.ndarray, np.ndarray] | None:
@@ -280,9 +284,10 @@ def _gather_tokens(b: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.nd
     """The tokens ``b[starts[t]:ends[t]]`` as a ``(T,)`` bytes array (dtype ``S<longest>``)."""
     length = ends - starts
     width = int(length.max()) if length.size else 1
-    idx = starts[:, None] + np.arange(width)
-    chars = np.where(np.arange(width) < length[:, None], b[np.minimum(idx, b.size - 1)], 0)
-    return np.ascontiguousarray(chars.astype(np.uint8)).view(f"S{width}").reshape(-1)
+    padded = np.concatenate((b, np.zeros(width, dtype=np.uint8)))
+    chars = np.lib.stride_tricks.sliding_window_view(padded, width)[starts]  # a copy
+    chars *= np.arange(width) < length[:, None]  # NUL after each token
+    return chars.view(f"S{width}").reshape(-1)
 
 
 _HEAP_PRIMED = False
@@ -334,6 +339,7 @@ class ImageIndex:
         for i, image_id in enumerate(self.ids):
             self._str.setdefault(image_id, i)
         self._bytes: dict[bytes, int] | None = None
+        self._sorted: tuple[np.ndarray, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -346,6 +352,10 @@ class ImageIndex:
     def lookup(self, ids: Sequence[str] | np.ndarray) -> np.ndarray:
         """``(D,)`` int64 positions of ``ids`` (strings, or a bytes array ``S``); -1 for an
         id not in the set."""
+        if isinstance(ids, np.ndarray) and ids.dtype.kind == "S" and ids.size:
+            table = self._sorted_table()
+            if table is not None:
+                return self._lookup_sorted(ids, *table)
         if isinstance(ids, np.ndarray):
             ids = ids.tolist()
         if ids and isinstance(ids[0], bytes):
@@ -356,6 +366,34 @@ class ImageIndex:
             table = self._str
         return np.fromiter(map(table.get, ids, itertools.repeat(-1)), dtype=np.int64,
                            count=len(ids))
+
+    def _sorted_table(self) -> tuple[np.ndarray, np.ndarray] | None:
+        if self._sorted is None:
+            self._sorted = _sorted_ids(self.ids) or (np.zeros(0, dtype="S1"), None)
+        return None if self._sorted[1] is None else self._sorted
+
+    @staticmethod
+    def _lookup_sorted(ids: np.ndarray, keys: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Binary search of a bytes array ``ids`` in the sorted ``keys``."""
+        if keys.size == 0:
+            return np.full(ids.size, -1, dtype=np.int64)
+        at = np.minimum(np.searchsorted(keys, ids), keys.size - 1)
+        return np.where(keys[at] == ids, positions[at], -1)
+
+
+def _sorted_ids(ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(keys (U,) S sorted, positions (U,) int64)`` of the distinct ids' UTF-8 bytes (the
+    first position of a repeated id), or ``None`` when an id ends with a NUL byte (numpy's
+    ``S`` type would drop it)."""
+    raw = [i.encode("utf-8") for i in ids]
+    if any(r.endswith(b"\0") for r in raw):
+        return None
+    keys = np.array(raw, dtype=f"S{max(1, max(map(len, raw), default=1))}")
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
+    first = np.ones(keys.size, dtype=bool)
+    first[1:] = keys[1:] != keys[:-1]
+    return keys[first], order[first].astype(np.int64)
 
 
 def read_result_file_indexed(path: str | Path, index: ImageIndex, what: str
