@@ -136,10 +136,12 @@ _PLAIN = bytes(range(32, 127)) + b"\t\n\v\f\r"
 def _token_bounds(space: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(starts (T,), ends (T,))`` of the runs of non-whitespace bytes (``ends`` exclusive),
     from the whitespace mask ``space (L,)`` of a buffer."""
-    solid = (~space).view(np.int8)
-    # the edges alternate: a token's start (0 -> 1), then its end (1 -> 0)
-    edges = np.flatnonzero(np.diff(solid, prepend=np.int8(0), append=np.int8(0)))
-    return edges[0::2], edges[1::2]
+    solid = np.zeros(space.size + 2, dtype=bool)  # framed by whitespace
+    np.logical_not(space, out=solid[1:-1])
+    # the changes alternate: a token's start (space -> solid), then its end (solid -> space);
+    # flatnonzero of a bool array is several times faster than of an int8 one
+    edges = np.flatnonzero(solid[1:] != solid[:-1])
+    return edges[0::2].copy(), edges[1::2].copy()
 
 
 def _counts(mask: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
