@@ -14,8 +14,10 @@ Timed, each once after a warm-up on a small workload, the process pinned to one 
   XML, the others load the pickle): the peer;
 - mapdet from the files, Python API (:func:`~mapdet.evaluation.voc.evaluate_voc_results_dir`)
   without the annotation cache (cold) and with it (warm), and the same through
-  ``mapdet eval --voc ... --results ...`` in a fresh interpreter (wall time of the whole
-  command: interpreter start, imports, reading, scoring);
+  ``mapdet eval --voc ... --results ...`` in a fresh interpreter (the whole command:
+  interpreter start, imports, reading, scoring; Python's bytecode cache allowed, as in an
+  installed package), and with ``--blame K`` (every detection's pseudo-partial with
+  :func:`mapdet.ap_blame`, numba's compiled kernels loaded from its disk cache);
 - mapdet on detections already in memory (:func:`~mapdet.evaluation.voc.evaluate_voc`);
 - COCO AP@[.5:.95] of the same data: :func:`~mapdet.evaluation.coco.evaluate_coco` with
   faster-coco-eval (the default) and with pycocotools.
@@ -27,6 +29,7 @@ backends' statistics agree to 1e-12.
     python benchmarks/bench_eval.py --dets 1000         # 1,000 detections per image
     python benchmarks/bench_eval.py --scaling           # mapdet only: n, 4n, 16n images
     python benchmarks/bench_eval.py --in-memory [--per-class]   # in-memory scoring only
+    python benchmarks/bench_eval.py --blame 0                   # without the --blame row
 """
 
 from __future__ import annotations
@@ -169,11 +172,14 @@ def port_all(w: dict, cachedir: Path) -> dict:
             for c in VOC_CLASSES}
 
 
-def cli(w: dict, cache: Path, use_cache: bool) -> tuple[float, float]:
-    """``(wall, CPU)`` seconds of one ``mapdet eval --voc`` run in a fresh interpreter."""
+def cli(w: dict, cache: Path, use_cache: bool, extra: tuple[str, ...] = ()
+        ) -> tuple[float, float]:
+    """``(wall, CPU)`` seconds of one ``mapdet eval --voc`` run in a fresh interpreter, with
+    Python's bytecode cache allowed (as in an installed package: the warm-up run writes it)."""
     env = dict(os.environ, MAPDET_CACHE_DIR=str(cache), PYTHONPATH=str(ROOT / "src"))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     cmd = [sys.executable, "-m", "mapdet", "eval", "--voc", str(w["root"]), "--results",
-           str(w["results"]), "-q"] + ([] if use_cache else ["--no-cache"])
+           str(w["results"]), "-q", *extra] + ([] if use_cache else ["--no-cache"])
     t, c = time.perf_counter(), _children_cpu()
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t, _children_cpu() - c
@@ -222,6 +228,17 @@ def compare(args) -> None:
                      ratio(t_port, t_cli_cold)))
         rows.append(("mapdet eval --voc --results (whole command, cache)", t_cli_warm,
                      ratio(t_port, t_cli_warm)))
+        if args.blame:
+            out = tmp / "blame_out"
+            blame_args = ("--blame", str(args.blame), "--out", str(out))
+            cli(w, tmp / "cli_cache", True, blame_args)  # warm-up: numba's disk cache
+            t_blame = cli(w, tmp / "cli_cache", True, blame_args)
+            import json
+
+            blamed = json.loads((out / "blame.json").read_text())
+            assert abs(blamed["mAP"] - res.mAP) <= 1e-9, (blamed["mAP"], res.mAP)
+            rows.append((f"the same with --blame {args.blame} (all partials, numba)", t_blame,
+                         None))
         per_class = detections_by_class(detections, VOC_CLASSES)
         t_mem, res3 = timed(lambda: evaluate_voc(records, per_class, class_names=VOC_CLASSES,
                                                  metric="voc07"))
@@ -284,6 +301,8 @@ def main() -> None:
     parser.add_argument("--in-memory", action="store_true", help="in-memory scoring only")
     parser.add_argument("--per-class", action="store_true",
                         help="with --in-memory: --dets per image *and class*")
+    parser.add_argument("--blame", type=int, default=20, metavar="K",
+                        help="also time mapdet eval --blame K (0: not)")
     args = parser.parse_args()
     pinned = pin_one_core()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "AnnotationError",
@@ -113,13 +112,15 @@ def read_image(path: str | Path) -> np.ndarray:
         OSError: the file exists but cannot be decoded (the message names it and gives PIL's
             reason).
     """
+    from PIL import Image  # not at import: scoring result files reads no image
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
         raise OSError(f"cannot read image file {path}: {exc}") from exc
 
 
@@ -128,13 +129,15 @@ def image_size(path: str | Path) -> tuple[int, int]:
 
     Raises the same errors as :func:`read_image`.
     """
+    from PIL import Image  # not at import: scoring result files reads no image
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         with Image.open(path) as im:
             return int(im.width), int(im.height)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
         raise OSError(f"cannot read image file {path}: {exc}") from exc
 
 
