@@ -155,7 +155,8 @@ def test_each_blamed_move_gains_what_it_says(seed, n_images, n_dets, metric):
     blame = res.blame
     want, _ = expected_blame(gt, dets, n_images, 50, metric)
     assert [(e.cls, e.index) for e in blame.entries] == [(CLASSES[c], j) for _, c, j, _ in want]
-    assert all(a.ap_gain >= b.ap_gain > 0 for a, b in zip(blame.entries, blame.entries[1:]))
+    assert all(a.ap_gain >= b.ap_gain > 0
+               for a, b in zip(blame.entries, blame.entries[1:], strict=False))
     for e in blame.entries:
         ids, scores, boxes = per_class[e.cls]
         others = np.unique(np.delete(scores, e.index))

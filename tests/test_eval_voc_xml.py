@@ -27,7 +27,8 @@ def leaf(tag: str, text: str) -> str:
 @st.composite
 def container(draw, tag: str, children: list[str]) -> str:
     sp = [draw(SPACE) for _ in range(len(children) + 1)]
-    return f"<{tag}>" + "".join(s + c for s, c in zip(sp, children)) + sp[-1] + f"</{tag}>"
+    body = "".join(s + c for s, c in zip(sp, children, strict=False)) + sp[-1]
+    return f"<{tag}>{body}</{tag}>"
 
 
 @st.composite
