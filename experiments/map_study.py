@@ -5,8 +5,10 @@ controls, ablations. Every step writes a JSON file into ``--out``; training runs
 Protocol. One softmax baseline (``configs/digits.yaml``, 3000 iterations, seed 0) is the
 starting point of every stage. A stage trains ``--iterations`` iterations from it at a
 constant learning rate (no warm-up, no steps) and is evaluated every ``--eval-every``
-iterations on the *whole* train split and the whole test split with the test-time
-post-processing (score 0.05, NMS 0.3, 100 per image), VOC07 and area mAP.
+iterations on the train split (the whole split, or its first ``--train-eval-images``
+images: a fixed subset, named so in the JSON's protocol and the report) and the whole test
+split, with the test-time post-processing (score 0.05, NMS 0.3, 100 per image), VOC07 and
+area mAP.
 
 Usage (from the repository root; ``PYTHONPATH=src`` or an installed mapdet)::
 
@@ -16,6 +18,7 @@ Usage (from the repository root; ``PYTHONPATH=src`` or an installed mapdet)::
     python experiments/map_study.py controls --work W --out experiments/map_study --seeds 0 1 2
     python experiments/map_study.py ablations --work W --out experiments/map_study
     python experiments/map_study.py report --out experiments/map_study   # README tables
+    python experiments/map_study.py plot   --out experiments/map_study   # sweep_curves.png
 
 ``--base CKPT`` reuses an existing baseline checkpoint instead of ``W/baseline``;
 ``--set KEY=VALUE`` adds config overrides to every run (e.g. the quick data).
@@ -75,13 +78,16 @@ class Study:
 
     # -- evaluation --------------------------------------------------------------------------
     def evaluate(self, checkpoint: Path) -> dict:
-        """Train and test mAP (VOC07 and area) of a checkpoint, whole splits."""
+        """Train and test mAP (VOC07 and area) of a checkpoint: the whole test split, and the
+        whole train split or its first ``--train-eval-images`` images (a fixed subset)."""
         key = str(checkpoint)
         if key not in self._eval_cache:
             model, _, _ = model_from_checkpoint(checkpoint, self.cfg.copy())
             row = {}
             for split in ("train", "test"):
-                rep = evaluate_model(model, self.cfg, split=split, dataset=self.sets[split],
+                n = self.args.train_eval_images if split == "train" else 0
+                cfg = apply_overrides(self.cfg, [f"eval.max_images={n}"])
+                rep = evaluate_model(model, cfg, split=split, dataset=self.sets[split],
                                      proposals=self.props[split], progress=False)
                 row[f"{split}_voc07"] = rep.results["voc07"].mAP
                 row[f"{split}_area"] = rep.results["area"].mAP
@@ -260,6 +266,8 @@ def step_controls(s: Study) -> None:
             v = np.array([r["final"][key] for r in runs])
             summary[key] = {"mean": float(v.mean()), "std": float(v.std(ddof=1))
                             if len(v) > 1 else None, "values": v.tolist()}
+        if path.is_file():  # arms another process wrote meanwhile (``--arms`` splits the work)
+            out["arms"] = json.loads(path.read_text())["arms"]
         out["arms"][arm] = {"overrides": ov, "summary": summary, "runs": runs}
         s.write("controls", out)
 
@@ -295,6 +303,7 @@ def _protocol(s: Study) -> dict:
     return {"base": str(s.base_checkpoint()), "iterations": s.args.iterations,
             "eval_every": s.args.eval_every, "set": s.args.set,
             "train_images": len(s.sets["train"]), "test_images": len(s.sets["test"]),
+            "train_eval_images": s.args.train_eval_images or len(s.sets["train"]),
             "baseline": s.evaluate(s.base_checkpoint())}
 
 
@@ -325,8 +334,14 @@ def report(out_dir: Path) -> str:
     sweep = load("sweep")
     if sweep:
         b = sweep["protocol"]["baseline"]
-        lines += ["Sweep (seed 0; VOC07 mAP of the whole train split / test split after "
-                  "0, 100, 200 iterations; minibatch AP over the last 50 iterations):", "",
+        pr = sweep["protocol"]
+        pts = ", ".join(map(str, range(0, pr["iterations"] + 1, pr["eval_every"])))
+        ntr = pr.get("train_eval_images", pr["train_images"])
+        which = ("the whole train split" if ntr >= pr["train_images"] else
+                 f"the first {ntr} of {pr['train_images']} train images")
+        lines += [f"Sweep (seed 0; VOC07 mAP of {which} / the whole test split after "
+                  f"{pts} iterations; minibatch AP over the last quarter of the "
+                  "iterations):", "",
                   "| normalization | lr | min_step | memory | train mAP | test mAP | "
                   "minibatch AP |", "|---|---|---|---|---|---|---|"]
         for r in sweep["runs"]:
@@ -342,7 +357,8 @@ def report(out_dir: Path) -> str:
     if controls:
         lines += ["Equal budget, seeds " + ", ".join(map(str, controls["seeds"])) +
                   " (mean +- sample std; VOC07 and area mAP):", "",
-                  "| continuation (200 it.) | train VOC07 | test VOC07 | test area |",
+                  f"| continuation ({controls['protocol']['iterations']} it.) | train VOC07 | "
+                  "test VOC07 | test area |",
                   "|---|---|---|---|"]
         for arm, a in controls["arms"].items():
             sm = a["summary"]
@@ -352,7 +368,7 @@ def report(out_dir: Path) -> str:
         lines.append("")
     abl = load("ablations")
     if abl:
-        lines += ["Ablations (seed 0, 200 it., one change each to "
+        lines += [f"Ablations (seed 0, {abl['protocol']['iterations']} it., one change each to "
                   f"{' '.join(abl['map_set'])}):", "",
                   "| variant | train VOC07 | test VOC07 | test area |", "|---|---|---|---|"]
         for name, r in abl["variants"].items():
@@ -362,13 +378,45 @@ def report(out_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def plot(out_dir: Path) -> Path:
+    """``sweep_curves.png`` in ``out_dir``: train and test VOC07 mAP against iterations for
+    every sweep run (and the equal-budget controls' seed-0 runs when controls.json has
+    curves), from the JSON files alone."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    runs = json.loads((out_dir / "sweep.json").read_text())["runs"]
+    controls = out_dir / "controls.json"
+    if controls.is_file():
+        for arm, a in json.loads(controls.read_text())["arms"].items():
+            runs += [{**r, "name": f"control_{arm}"} for r in a["runs"][:1]
+                     if len(r["curve"]) > 2]
+    fig = Figure(figsize=(12, 4.8))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    for ax, split in zip(axes, ("train", "test")):
+        for r in runs:
+            its = [c["iteration"] for c in r["curve"]]
+            ax.plot(its, [100 * c[f"{split}_voc07"] for c in r["curve"]], marker="o",
+                    label=r["name"].removeprefix("sweep_"))
+        ax.set_xlabel("iterations from the softmax baseline")
+        ax.set_ylabel(f"{split}-split VOC07 mAP (%)")
+        ax.set_title(f"{split} split")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path = out_dir / "sweep_curves.png"
+    fig.savefig(path, dpi=90)
+    return path
+
+
 STEPS = {"baseline": step_baseline, "scale": step_scale, "sweep": step_sweep,
          "controls": step_controls, "ablations": step_ablations}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("step", choices=[*STEPS, "report"])
+    p.add_argument("step", choices=[*STEPS, "report", "plot"])
     p.add_argument("--work", default="runs/map_study", help="folder for data, proposals and runs")
     p.add_argument("--out", default="experiments/map_study", help="folder for the JSON files")
     p.add_argument("--base", default=None, help="baseline checkpoint or run directory")
@@ -387,6 +435,8 @@ def main(argv=None) -> int:
                    help="controls: more softmax arms at these learning rates")
     p.add_argument("--arms", nargs="*", default=[],
                    help="controls: run only these arms (the others kept from controls.json)")
+    p.add_argument("--train-eval-images", type=int, default=0,
+                   help="train mAP on the first N train images (0: the whole split)")
     p.add_argument("--only", nargs="*", default=[],
                    help="sweep: run only these runs of the grid (names as in sweep.json)")
     p.add_argument("--note", default="", help="machine note stored in the JSON")
@@ -395,6 +445,9 @@ def main(argv=None) -> int:
     logging.getLogger("mapdet").setLevel(logging.WARNING)
     if args.step == "report":
         print(report(Path(args.out)))
+        return 0
+    if args.step == "plot":
+        print(plot(Path(args.out)))
         return 0
     STEPS[args.step](Study(args))
     return 0
