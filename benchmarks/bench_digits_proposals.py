@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|")
     for mode, resize_to, cap in SETTINGS:
         times, props = [], {}
-        for rec, img in zip(Subset.records, images):
+        for rec, img in zip(Subset.records, images, strict=True):
             t0 = time.perf_counter()
             props[rec.image_id] = selective_search(img, mode=mode, max_proposals=cap,
                                                    min_size=cfg.proposals.min_size,

@@ -234,7 +234,7 @@ def step_sweep(s: Study) -> None:
     kept; each write merges with the file on disk, so two processes can share the grid."""
     path = s.out / "sweep.json"
     names = [_sweep_name(*row) for row in SWEEP]
-    for (norm, lr, mu, memory), name in zip(SWEEP, names):
+    for (norm, lr, mu, memory), name in zip(SWEEP, names, strict=True):
         if (s.args.only and name not in s.args.only) or name in _runs_on_disk(path):
             continue
         r = s.stage(name, ["train.loss=map", f"loss.normalization={norm}", f"loss.lr={lr}",
@@ -273,29 +273,37 @@ def step_controls(s: Study) -> None:
 
 
 def step_ablations(s: Study) -> None:
-    """Variants of the ``--map-set`` setting (l1, lr 1e-3 in the README: a rate at which the
-    loss moves the model; at the recipe's 1e-4 every variant stands still), one change each.
-    The setting itself (memory 0) and memory 20 are the sweep's runs (same protocol)."""
+    """Variants of the ``--map-set`` setting (the mAP stage's recipe plus ``--map-lr``), one
+    change each. Memory 0 is the setting itself; ``--only NAME...`` runs some of the variants
+    (each write merges with ablations.json on disk, so two processes can share them)."""
     variants = {
+        "setting (memory 0, NMS in the loss, nearest improvement, 1 - mAP)": [],
         "no_nms_in_loss": ["loss.nms_iou=1.0"],  # IoU > 1 never holds: AP without NMS
+        "nearest_change": ["loss.direction=nearest_change"],
+        "both_summed": ["loss.direction=both_summed"],
         "neg_log": ["loss.form=neg_log"],
         "memory5": ["loss.memory=5"],
+        "memory20": ["loss.memory=20"],
     }
-    from_sweep = {"memory0 (no change)": "sweep_l1_lr0.001_mu0.001",
-                  "memory20": "sweep_l1_lr0.001_mu0.001_memory20"}
-    sweep_path = s.out / "sweep.json"
-    sweep = ({r["name"]: r for r in json.loads(sweep_path.read_text())["runs"]}
-             if sweep_path.is_file() else {})
-    out = {"variants": {}, "protocol": _protocol(s), "map_set": s.args.map_set,
-           "not_run": "nearest change / both directions summed: the fast core implements "
-                      "only the nearest improvement (docs/method.md, section 3)"}
-    for name, run in from_sweep.items():
-        if run in sweep:
-            out["variants"][name] = {**sweep[run], "from": "sweep.json"}
+    path = s.out / "ablations.json"
+    sweep = _runs_on_disk(s.out / "sweep.json")
+    # the setting and memory 20 are sweep runs when the setting is the sweep's l1 at map_lr
+    same = {"setting": _sweep_name("l1", s.args.map_lr, 1e-3, 0),
+            "memory20": _sweep_name("l1", s.args.map_lr, 1e-3, 20)} if not s.args.map_set else {}
     for name, ov in variants.items():
-        r = s.stage(f"ablation_{name}", ["train.loss=map", *s.args.map_set, *ov],
-                    eval_every=s.args.iterations)
+        slug = name.split(" ")[0]
+        if s.args.only and slug not in s.args.only:
+            continue
+        if same.get(slug) in sweep and sweep[same[slug]]["iterations"] == s.args.iterations:
+            r = {**sweep[same[slug]], "from": "sweep.json"}
+        else:
+            r = s.stage(f"ablation_{slug}", ["train.loss=map", f"loss.lr={s.args.map_lr}",
+                                             *s.args.map_set, *ov], eval_every=s.args.iterations)
+        out = json.loads(path.read_text()) if path.is_file() else {"variants": {}}
+        out.update({"protocol": _protocol(s), "map_set": [f"loss.lr={s.args.map_lr}",
+                                                          *s.args.map_set]})
         out["variants"][name] = r
+        out["variants"] = {k: out["variants"][k] for k in variants if k in out["variants"]}
         s.write("ablations", out)
 
 
@@ -385,7 +393,12 @@ def plot(out_dir: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    runs = json.loads((out_dir / "sweep.json").read_text())["runs"]
+    sweep = json.loads((out_dir / "sweep.json").read_text())
+    runs, pr = sweep["runs"], sweep["protocol"]
+    ntr = pr.get("train_eval_images", pr["train_images"])
+    names = {"train": "train split" if ntr >= pr["train_images"] else
+             f"train split, first {ntr} of {pr['train_images']} images",
+             "test": f"test split, {pr['test_images']} images"}
     controls = out_dir / "controls.json"
     if controls.is_file():
         for arm, a in json.loads(controls.read_text())["arms"].items():
@@ -394,14 +407,14 @@ def plot(out_dir: Path) -> Path:
     fig = Figure(figsize=(12, 4.8))
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2)
-    for ax, split in zip(axes, ("train", "test")):
+    for ax, split in zip(axes, ("train", "test"), strict=True):
         for r in runs:
             its = [c["iteration"] for c in r["curve"]]
             ax.plot(its, [100 * c[f"{split}_voc07"] for c in r["curve"]], marker="o",
                     label=r["name"].removeprefix("sweep_"))
         ax.set_xlabel("iterations from the softmax baseline")
-        ax.set_ylabel(f"{split}-split VOC07 mAP (%)")
-        ax.set_title(f"{split} split")
+        ax.set_ylabel("VOC07 mAP (%)")
+        ax.set_title(names[split])
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="best")
     fig.tight_layout()
@@ -438,7 +451,8 @@ def main(argv=None) -> int:
     p.add_argument("--train-eval-images", type=int, default=0,
                    help="train mAP on the first N train images (0: the whole split)")
     p.add_argument("--only", nargs="*", default=[],
-                   help="sweep: run only these runs of the grid (names as in sweep.json)")
+                   help="sweep, ablations: run only these (sweep names as in sweep.json; "
+                        "ablation names as in ablations.json, first word)")
     p.add_argument("--note", default="", help="machine note stored in the JSON")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -209,6 +209,15 @@ def test_map_stage_recipe_does_not_depend_on_the_softmax_lr(softmax_lr):
     assert soft.stage_lr() == softmax_lr  # loss.lr is the mAP stage's only
 
 
+def test_map_stage_recipe_defaults_are_the_studys():
+    """The recipe docs/method.md and README "Results" justify: l1, lr 1e-5, min_step 1e-3,
+    memory 0, the nearest improvement, 1 - mAP (a change here must come with a new study)."""
+    lc = load_config(CONFIGS / "digits.yaml", ["train.loss=map"]).loss
+    assert MAP_STAGE_LR == 1e-5 and lc.lr is None
+    assert (lc.normalization, lc.min_step, lc.memory, lc.form) == ("l1", 1e-3, 0, "one_minus")
+    assert lc.direction == "nearest_improvement"
+
+
 def test_map_stage_keys_are_checked():
     with pytest.raises(ConfigError, match="loss.lr: must be >= 0"):
         load_config(CONFIGS / "digits.yaml", ["loss.lr=-1"])
