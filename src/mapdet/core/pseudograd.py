@@ -85,20 +85,15 @@ def combine_slopes(slope_up: float, slope_down: float,
     :data:`SLOPE_RTOL`) and it is not 0, else ``-slope_down``.
     """
     code = check_direction(direction)
-    if code == 1:
-        au, ad = abs(slope_up), abs(slope_down)
-        slack = SLOPE_RTOL * max(au, ad)
-        if au > 0.0 and au >= ad - slack:
-            return slope_up
-        if ad > au + slack:
-            return -slope_down
-        return 0.0
     if code == 2:
         return slope_up - slope_down
-    slack = SLOPE_RTOL * max(slope_up, slope_down)
-    if slope_up > 0.0 and slope_up >= slope_down - slack:
+    # One comparison of magnitudes serves both other rules: nearest_improvement's slopes are
+    # >= 0, so their magnitudes are the slopes themselves.
+    au, ad = abs(slope_up), abs(slope_down)
+    slack = SLOPE_RTOL * max(au, ad)
+    if au > 0.0 and au >= ad - slack:
         return slope_up
-    if slope_down > slope_up + slack:
+    if ad > au + slack:
         return -slope_down
     return 0.0
 
