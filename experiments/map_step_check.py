@@ -71,6 +71,7 @@ from mapdet.engine.data_loading import Batch, make_eval_loader, make_train_loade
 from mapdet.engine.distributed import RankOrder
 from mapdet.engine.schedule import DataOrder
 from mapdet.engine.steps import softmax_loss
+from mapdet.engine.train import _generator as rois_generator
 from mapdet.io import atomic_write_text
 from mapdet.models.postprocess import class_specific_boxes
 
@@ -201,9 +202,8 @@ def main(argv=None) -> None:
                      "difficult": b.samples[0].difficult} for b in pool]
     pool_a0 = math.nan
     if pool:
-        _, pool_boxes, pool_ids = _pool_heads(model, pool)
-        pool_a0 = minibatch_map(_pool_heads(model, pool)[0], pool_boxes, pool_ids,
-                                pool_targets, criterion)
+        pool_probs, pool_boxes, pool_ids = _pool_heads(model, pool)
+        pool_a0 = minibatch_map(pool_probs, pool_boxes, pool_ids, pool_targets, criterion)
     transfer = {(d, e): [] for d in ("map", "softmax", "random") for e in args.weight_steps}
     score = {e: [] for e in args.score_steps}
     weight = {(d, e): [] for d in ("map", "softmax", "random") for e in args.weight_steps}
@@ -233,7 +233,7 @@ def main(argv=None) -> None:
             score[e].append(minibatch_map(p1, boxes, image_ids, targets, criterion) - a0)
 
         _set_params(model, theta0)
-        gens = [torch.Generator().manual_seed(t.seed * 1_000_003 + it * 1_009 + b)
+        gens = [rois_generator(t.seed, args.start + it, b)
                 for b in range(len(batch.samples))]
         sm, _ = softmax_loss(model, batch, cfg, gens)
         g_soft = _grad_vector(model, sm)
