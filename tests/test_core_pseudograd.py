@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from strategies import detection_instances
 
 from mapdet import ap_pseudo_gradient
-from mapdet.core.apnms import ap_pseudo_gradient_multiclass
+from mapdet.core.apnms import _ClassProblem, _solve, ap_pseudo_gradient_multiclass
 from mapdet.core.reference import ap_pseudo_gradient_reference
 from mapdet.core.synthetic import proposal_like_outputs
 
@@ -150,3 +150,31 @@ def test_fp_window_above_a_tp_with_a_later_claimant_cannot_gain():
         assert (g[4] < 0) if direction == "nearest_change" else g[4] == 0.0
     # [F, T, T]: 1/2, 2/3 -> AP 2/3, a change of -1/6 at distance 0.88.
     assert g[4] == pytest.approx((2 / 3 - (1 + 2 / 3) / 2) / (0.9 - 0.02 + 1e-3))
+
+
+@pytest.mark.parametrize("i1_first", [True, False])
+def test_recorded_cascade_is_reused_only_when_it_is_provably_the_same(i1_first):
+    # h (kept, an FP) suppresses z (a TP on the object). Below the threshold: i1 and i3 (the
+    # same box, FPs) overlap h but not z; i2 overlaps h and z. All three have kept
+    # neighbours {h}. Placed above h, i1 (or i3) releases z; i2 suppresses z too. So i2 may
+    # not reuse i1's cascade (z became kept and overlaps i2) but may reuse z's own (h
+    # suppressed, z blocked by the moved window); i3 reuses i1's, value included.
+    h, z = [0, 0, 10, 10], [4, 0, 14, 10]
+    i1, i2 = [-4, 0, 6, 10], [2, 0, 12, 10]
+    lows = [i1, i2] if i1_first else [i2, i1]
+    boxes = np.array([h, z, *lows, i1], dtype=float)
+    scores = np.array([0.9, 0.8, 0.01, 0.02, 0.03])
+    args = (scores, boxes, [0] * 5, [z], [0])
+    kw = dict(score_threshold=0.05, nms_iou=0.3, min_step=1e-3)
+    p = _ClassProblem(*args, None, kw["score_threshold"], kw["nms_iou"], 0.5, "area",
+                      kw["min_step"])
+    stats = np.zeros(6, dtype=np.int64)
+    ap, g = _solve(p, None, stats)
+    ap_ref, g_ref = ap_pseudo_gradient_reference(*args, **kw)
+    assert ap == ap_ref == 0.0
+    np.testing.assert_allclose(g, g_ref, rtol=0, atol=1e-12)
+    assert g[2:].min() > 0  # each low window gains by releasing z or by being a TP itself
+    # Cascades of windows not kept, run / reused: z's is run (h suppressed, z the moved
+    # window). i1 cannot reuse it (z would be released) and runs its own; i2 cannot reuse
+    # i1's (z released overlaps i2) but reuses z's; i3 reuses i1's. In either order: 2 / 2.
+    assert list(stats[4:]) == [2, 2]

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from linear_kernel import ap_pseudo_gradient_multiclass as linear_multiclass
 from strategies import detection_instances
 
-from mapdet.core.apnms import ap_pseudo_gradient_multiclass
+from mapdet.core.apnms import _ClassProblem, _solve, ap_pseudo_gradient_multiclass
 from mapdet.core.reference import ap_pseudo_gradient_reference
 from mapdet.core.synthetic import proposal_like_outputs
 
@@ -48,3 +48,25 @@ def test_memory_windows_get_no_gradient_and_change_nothing_else(inst, k):
     assert (np.isnan(ap_ref) and np.isnan(aps[0])) or abs(aps[0] - ap_ref) < 1e-9
     np.testing.assert_allclose(g[:k, 0], g_ref[:k], rtol=0, atol=1e-9)
     assert not g[k:, 0].any()
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from([0.3, 0.5, 0.7]),
+       st.sampled_from([0.5, (0.5, 0.75)]))
+def test_shared_cascades_on_dense_clusters_equal_linear_kernel(seed, nms_iou, match_iou):
+    # One image, 600 windows around 1-3 objects: most windows that are not kept share their
+    # kept neighbours, so many cascades are reused (the counters say so); the gradient must
+    # not change.
+    o = proposal_like_outputs(num_images=1, windows_per_image=600, num_classes=1,
+                              objects_per_image=(1, 3), seed=seed)
+    args = (o.probs[:, 0], o.boxes[:, 0], o.image_ids, o.gt_boxes, o.gt_image_ids,
+            o.gt_difficult)
+    p = _ClassProblem(*args, 0.05, nms_iou, match_iou, "area", 1e-3)
+    stats = np.zeros(6, dtype=np.int64)
+    ap, g = _solve(p, None, stats)
+    aps_l, g_l = linear_multiclass(o.probs[:, :1], o.boxes[:, :1], o.image_ids, o.gt_boxes,
+                                   o.gt_labels, o.gt_image_ids, o.gt_difficult,
+                                   nms_iou=nms_iou, match_iou=match_iou, num_threads=1)
+    np.testing.assert_allclose(ap, aps_l[0], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(g, g_l[:, 0], rtol=1e-9, atol=1e-9)
+    assert stats[5] > 0 and stats[4] > 0  # cascades run and reused

@@ -263,17 +263,18 @@ def _count_below(sorted_arr, v):
 
 
 @njit(cache=True, nogil=True)
-def _load_changes(edits, n_rem0, changed, n_chg, chg, det_pos, det_rank, rank):
-    """Append a cascade's changes to the edit set: now-suppressed base detections are
+def _load_changes(edits, n_rem0, enc, lo, n_chg, det_pos, det_rank, rank):
+    """Append a cascade's changes ``enc[lo:lo + n_chg]`` (a now-kept window ``y`` as ``y``, a
+    now-suppressed one as ``-1 - y``) to the edit set: now-suppressed base detections are
     removed (and marked), now-kept windows are inserted at their rank's gap."""
     (ed, removed) = edits
     n_rem = n_rem0
     n_ins = 0
-    for k in range(n_chg):
-        y = changed[k]
-        if chg[y] == 2:
-            ed[REM, n_rem] = det_pos[y]
-            removed[det_pos[y]] = True
+    for k in range(lo, lo + n_chg):
+        y = enc[k]
+        if y < 0:
+            ed[REM, n_rem] = det_pos[-1 - y]
+            removed[det_pos[-1 - y]] = True
             n_rem += 1
         else:
             ed[INS_W, n_ins] = y
@@ -282,6 +283,161 @@ def _load_changes(edits, n_rem0, changed, n_chg, chg, det_pos, det_rank, rank):
             n_ins += 1
     ed[COUNT, 0] = n_rem
     ed[COUNT, 1] = n_ins
+
+
+@njit(cache=True, nogil=True)
+def _encode_changes(changed, n_chg, chg, enc, lo):
+    """Write ``changed[:n_chg]`` into ``enc[lo:]`` as :func:`_load_changes` reads them."""
+    for k in range(n_chg):
+        y = changed[k]
+        enc[lo + k] = y if chg[y] == 1 else -1 - y
+
+
+#: The cascade memo (:func:`_memo_find`) is one int64 buffer of records. A *group* (one seed
+#: list) holds ``[next group, first variant, seed count, seed hash, seeds...]``; a *variant*
+#: (one cascade outcome) ``[next variant, change count, test count, value slot, changes...,
+#: tests...]``: the changes as :func:`_load_changes` reads them, the tests as ``y`` (a window
+#: that became kept: ``i`` must not overlap it, nor be it) or ``-1 - z`` (a window kept but
+#: for the moved window's overlap: ``i`` must overlap it, or be it).
+_G_NEXT, _G_VAR, _G_NS, _G_HASH, _G_LEN = 0, 1, 2, 3, 4
+_V_NEXT, _V_NC, _V_NT, _V_VAL, _V_LEN = 0, 1, 2, 3, 4
+#: A variant with more tests, or beyond this many per group, is not recorded: in dense
+#: clusters the tests cost more than the cascades they would save.
+_V_MAX_TESTS, _V_MAX_PER_GROUP = 1 << 30, 1 << 30
+
+
+@njit(cache=True, nogil=True)
+def _seed_hash(seeds, n_seeds):
+    h = n_seeds
+    for k in range(n_seeds):
+        h = h * 1000003 + seeds[k]
+    return h
+
+
+@njit(cache=True, nogil=True)
+def _memo_group(mb, head, seeds, n_seeds, key):
+    """Offset of the group of this seed list (-1: none)."""
+    o = head[seeds[0]]
+    while o >= 0:
+        if mb[o + _G_HASH] == key and mb[o + _G_NS] == n_seeds:
+            same = True
+            for k in range(n_seeds):
+                if mb[o + _G_LEN + k] != seeds[k]:
+                    same = False
+                    break
+            if same:
+                return o
+        o = mb[o + _G_NEXT]
+    return -1
+
+
+@njit(cache=True, nogil=True)
+def _memo_find(mb, grp, i, boxes, nu):
+    """A recorded cascade that is provably window ``i``'s: the offset of its variant in group
+    ``grp`` (moved to the front of the group's list), -1 if none.
+
+    Window ``i`` (not kept) placed above its kept neighbours (the group's seeds) suppresses
+    them and, by the cascade, changes a set of decisions (:func:`mapdet.core.overlap.cascade`
+    with ``extra = i``). That cascade depends on ``i`` only through which windows ``i``
+    overlaps. A variant recorded for ``i1`` lists the windows that became kept and those that
+    would have but for ``i1``'s overlap (``i1`` itself among them when it is a candidate: in
+    ``i``'s cascade it could be released). If ``i`` is none of the former, overlaps none of
+    them and overlaps all of the latter, every decision of the cascade is the same for ``i``
+    (docs/method.md, section 5), so the variant's changes are ``i``'s."""
+    prev = -1
+    o = mb[grp + _G_VAR]
+    while o >= 0:
+        p = o + _V_LEN + mb[o + _V_NC]
+        same = True
+        for k in range(p, p + mb[o + _V_NT]):
+            y = mb[k]
+            if y >= 0:
+                if y == i or iou(boxes, i, y) > nu:
+                    same = False
+                    break
+            elif -1 - y != i and not iou(boxes, i, -1 - y) > nu:
+                same = False
+                break
+        if same:
+            if prev >= 0:  # to the front: windows near one object tend to share an outcome
+                mb[prev + _V_NEXT] = mb[o + _V_NEXT]
+                mb[o + _V_NEXT] = mb[grp + _G_VAR]
+                mb[grp + _G_VAR] = o
+            return o
+        prev = o
+        o = mb[o + _V_NEXT]
+    return -1
+
+
+@njit(cache=True, nogil=True)
+def _memo_reserve(memo, extra):
+    """The memo with room for ``extra`` more buffer entries and one more value slot."""
+    (mb, head, val, used) = memo
+    if used[0] + extra > mb.size:
+        grown = np.empty(max(2 * mb.size, used[0] + extra), dtype=np.int64)
+        grown[: used[0]] = mb[: used[0]]
+        mb = grown
+    if used[1] >= val.size:
+        grown_v = np.empty(2 * val.size, dtype=np.float64)
+        grown_v[: used[1]] = val[: used[1]]
+        val = grown_v
+    return (mb, head, val, used)
+
+
+@njit(cache=True, nogil=True)
+def _memo_add(memo, grp, i, seeds, n_seeds, key, cs, n_chg, n_blk, candidate):
+    """Record window ``i``'s cascade (just run, in ``cs``) as a variant of group ``grp`` (a new
+    group for these seeds when ``grp < 0``); returns the memo (its buffers grow by doubling)
+    and the variant's offset. A variant that is not kept (:data:`_V_MAX_TESTS`) is written
+    past the used part, to be read once, and gets no value slot (-1)."""
+    memo = _memo_reserve(memo, _G_LEN + n_seeds + _V_LEN + 2 * n_chg + n_blk + 1)
+    (mb, head, val, used) = memo
+    chg, q = cs[1], cs[2]
+    o = used[0]
+    n_var = 0
+    if grp < 0:
+        grp = o
+        mb[grp + _G_NEXT] = head[seeds[0]]
+        mb[grp + _G_VAR] = -1
+        mb[grp + _G_NS] = n_seeds
+        mb[grp + _G_HASH] = key
+        for k in range(n_seeds):
+            mb[grp + _G_LEN + k] = seeds[k]
+        head[seeds[0]] = grp
+        o += _G_LEN + n_seeds
+        used[0] = o
+    else:
+        v = mb[grp + _G_VAR]
+        while v >= 0:
+            n_var += 1
+            v = mb[v + _V_NEXT]
+    mb[o + _V_NC] = n_chg
+    p = o + _V_LEN
+    changed = q[3]
+    _encode_changes(changed, n_chg, chg, mb, p)
+    p += n_chg
+    n_t = 0
+    for k in range(n_chg):
+        if chg[changed[k]] == 1:
+            mb[p + n_t] = changed[k]
+            n_t += 1
+    for k in range(n_blk):
+        mb[p + n_t] = -1 - q[4, k]
+        n_t += 1
+    if candidate:
+        mb[p + n_t] = -1 - i
+        n_t += 1
+    mb[o + _V_NT] = n_t
+    if n_t > _V_MAX_TESTS or n_var >= _V_MAX_PER_GROUP:
+        mb[o + _V_VAL] = -1
+        return memo, o
+    mb[o + _V_NEXT] = mb[grp + _G_VAR]
+    mb[grp + _G_VAR] = o
+    mb[o + _V_VAL] = used[1]
+    val[used[1]] = np.nan
+    used[1] += 1
+    used[0] = p + n_t
+    return memo, o
 
 
 @njit(cache=True, nogil=True)
@@ -303,8 +459,9 @@ def pseudo_gradient_kernel(prob, n_grad, grad, gain, stats):
     of the rule in :data:`mapdet.core.pseudograd.DIRECTIONS`). Fills ``grad[:n_grad]`` and
     ``gain[:n_grad]`` (the AP gained at the nearest improvement, or change, in the direction
     whose slope decides the pseudo-partial; 0 where none does); the windows from ``n_grad``
-    on take part in the AP only. ``stats (4,)`` int64 accumulates
-    ``[AP queries, scanned walks, direct segment sums, segment queries]``."""
+    on take part in the AP only. ``stats (6,)`` int64 accumulates
+    ``[AP queries, scanned walks, direct segment sums, segment queries, cascades run and
+    cascades reused for windows that are not kept]`` (reuse: :func:`_memo_find`)."""
     (s, boxes, img, n_img, order, rank, best, best_iou, gt_diff, thetas, weights, par) = prob
     tau, nu, mu, tol, rtol = par[0], par[1], par[2], par[3], par[4]
     code = np.int64(par[5])
@@ -371,10 +528,14 @@ def pseudo_gradient_kernel(prob, n_grad, grad, gain, stats):
     f0 = edited_ap(base, pool, edits, none, zero, gt, weights, thetas, scratch)
 
     cs = (np.zeros(n, dtype=np.bool_), np.zeros(n, dtype=np.int8),
-          np.empty((4, n + 1), dtype=np.int64))
+          np.empty((5, n + 1), dtype=np.int64))
     chg = cs[1]
     changed = cs[2][3]
     seeds = np.empty(n + 1, dtype=np.int64)
+    enc = np.empty(n + 1, dtype=np.int64)  # a cascade's changes, encoded (_load_changes)
+    # Cascades of windows that are not kept, recorded by highest kept neighbour (_memo_find).
+    memo = (np.empty(1024, dtype=np.int64), np.full(n, -1, dtype=np.int64),
+            np.empty(64, dtype=np.float64), np.zeros(2, dtype=np.int64))
     t_min = thetas.min()
     multi = thetas.size > 1
 
@@ -407,8 +568,8 @@ def pseudo_gradient_kernel(prob, n_grad, grad, gain, stats):
                     break
                 seeds[n_seeds] = ls_idx[e]
                 n_seeds += 1
-            n_chg, n_push = cascade(seeds, n_seeds, one, none, boxes, nu, rank, graph, base_cnt,
-                                    kept, cs)
+            n_chg, n_push, _ = cascade(seeds, n_seeds, one, none, boxes, nu, rank, graph,
+                                       base_cnt, kept, cs)
             b_sw = tau  # h': the highest-ranked neighbour kept once i is gone
             for k in range(n_chg):
                 y = changed[k]
@@ -418,7 +579,8 @@ def pseudo_gradient_kernel(prob, n_grad, grad, gain, stats):
             if 8 * (n_chg + 3) > scratch.shape[1]:
                 scratch = make_scratch(n_chg + 1)
                 ctx = (base, pool, edits, gt, weights, thetas, scratch)
-            _load_changes(edits, one, changed, n_chg, chg, det_pos, det_rank, rank)
+            _encode_changes(changed, n_chg, chg, enc, zero)
+            _load_changes(edits, one, enc, zero, n_chg, det_pos, det_rank, rank)
             f_down = edited_ap(base, pool, edits, none, zero, gt, weights, thetas, scratch)
             stats[0] += 1
             _unload(edits, one)
@@ -460,13 +622,32 @@ def pseudo_gradient_kernel(prob, n_grad, grad, gain, stats):
                                                                           nu, graph, base_cnt):
                 continue
             b_entry = s[seeds[0]] if n_seeds > 0 else tau
-            n_chg, n_push = cascade(seeds, n_seeds, zero, i, boxes, nu, rank, graph, base_cnt,
-                                    kept, cs)
+            # S_up's cascade: a recorded one that is provably i's, or run (and recorded).
+            src = enc
+            lo = zero
+            n_chg = zero
+            slot = none  # where the entry AP of an FP-everywhere i is kept
+            if n_seeds > 0:
+                key = _seed_hash(seeds, n_seeds)
+                grp = _memo_group(memo[0], memo[1], seeds, n_seeds, key)
+                o = _memo_find(memo[0], grp, i, boxes, nu) if grp >= 0 else none
+                if o >= 0:
+                    stats[5] += 1
+                else:
+                    n_chg, n_push, n_blk = cascade(seeds, n_seeds, zero, i, boxes, nu, rank,
+                                                   graph, base_cnt, kept, cs)
+                    stats[4] += 1
+                    memo, o = _memo_add(memo, grp, i, seeds, n_seeds, key, cs, n_chg, n_blk,
+                                        rank[i] >= 0)
+                    reset_after(cs, n_push, n_chg)
+                src = memo[0]
+                lo = o + _V_LEN
+                n_chg = src[o + _V_NC]
+                if fp_all:
+                    slot = src[o + _V_VAL]  # -1 when not recorded
             if 8 * (n_chg + 3) > scratch.shape[1]:
                 scratch = make_scratch(n_chg + 1)
                 ctx = (base, pool, edits, gt, weights, thetas, scratch)
-            _load_changes(edits, zero, changed, n_chg, chg, det_pos, det_rank, rank)
-            reset_after(cs, n_push, n_chg)
             # Entry: just above h's run (or at the bottom, past the threshold).
             if n_seeds > 0:
                 r_entry = run_id[det_pos[seeds[0]]]
@@ -474,16 +655,26 @@ def pseudo_gradient_kernel(prob, n_grad, grad, gain, stats):
             else:
                 r_entry = nr
                 q_e = n_det
-            v = edited_ap(base, pool, edits, i, q_e, gt, weights, thetas, scratch)
-            stats[0] += 1
+            v = memo[2][slot] if slot >= 0 else np.nan
+            loaded = np.isnan(v)
+            if loaded:
+                _load_changes(edits, zero, src, lo, n_chg, det_pos, det_rank, rank)
+                v = edited_ap(base, pool, edits, i, q_e, gt, weights, thetas, scratch)
+                stats[0] += 1
+                if slot >= 0:
+                    memo[2][slot] = v
             if v > f0 + tol or (change and v < f0 - tol):
                 grad[i] = (v - f0) / (b_entry - si + mu)
                 gain[i] = v - f0
             elif tp_any or change:
+                if not loaded:
+                    _load_changes(edits, zero, src, lo, n_chg, det_pos, det_rank, rank)
+                    loaded = True
                 rp = _holder_run(g, base, removed, run_id, n_runs) if change and tp_any else none
                 grad[i], gain[i] = _walk(go_up, i, zero, r_entry - 1, monotone, change, rp, f0,
                                          tol, mu, s, runs, ctx, stats)
-            _unload(edits, zero)
+            if loaded:
+                _unload(edits, zero)
     stats[2] += pool[4][2]
     stats[3] += pool[4][3]
     return f0

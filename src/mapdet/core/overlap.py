@@ -239,16 +239,25 @@ def cascade(seeds, n_seeds, n_events, extra, boxes, nu, rank, graph, base_cnt, b
     neighbours of a window that becomes kept, and, after the ``R``-th suppression event
     (``n_events`` already happened), the suppressed later neighbours with ``base_cnt <= R``.
 
-    ``cs = (inq (N,) bool, chg (N,) int8, q (4, N+1) int64)`` is scratch, the rows of ``q``
-    being the heap keys and values, the pushed windows and the changed ones. Returns ``(n_changed,
-    n_pushed)``; ``changed[:n_changed]`` (rank order) have ``chg = 1`` (now kept) or ``2``
-    (now suppressed). Clear with :func:`reset_after`.
+    ``cs = (inq (N,) bool, chg (N,) int8, q (5, N+1) int64)`` is scratch, the rows of ``q``
+    being the heap keys and values, the pushed windows, the changed ones and the *blocked*
+    ones. Returns ``(n_changed, n_pushed, n_blocked)``; ``changed[:n_changed]`` (rank order)
+    have ``chg = 1`` (now kept) or ``2`` (now suppressed); ``blocked[:n_blocked]`` are the
+    windows ``extra`` kept from being pushed (it overlaps them) that would be kept but for
+    ``extra`` (their kept earlier neighbours in the base state all ended suppressed, and no
+    window that became kept above them overlaps them). (They are marked in ``inq`` and listed
+    among the pushed, so that
+    :func:`reset_after` clears them.) Another ``extra'`` whose kept neighbours are the same
+    seeds gives the same changes when it overlaps every blocked window and no window that
+    became kept, and is not one of those (docs/method.md, section 5). Clear with
+    :func:`reset_after`.
     """
     (e_ptr, e_idx, lk_ptr, lk_idx, ls_ptr, ls_idx) = graph
     (inq, chg, q) = cs
-    hk, hv, pushed, changed = q[0], q[1], q[2], q[3]
+    hk, hv, pushed, changed, blocked = q[0], q[1], q[2], q[3], q[4]
     size = np.int64(0)  # typed: a literal 0 would compile the heap functions twice
     n_pushed = 0
+    n_blocked = 0
     for k in range(n_seeds):
         x = seeds[k]
         if not inq[x]:
@@ -294,13 +303,36 @@ def cascade(seeds, n_seeds, n_events, extra, boxes, nu, rank, graph, base_cnt, b
                 break  # sorted by base_cnt: the rest cannot be released yet
             if z == extra or inq[z]:
                 continue
-            if not now_kept and extra >= 0 and iou(boxes, extra, z) > nu:
-                continue  # the extra window suppresses z whatever happens above it
             inq[z] = True
             pushed[n_pushed] = z
             n_pushed += 1
+            if not now_kept and extra >= 0 and iou(boxes, extra, z) > nu:
+                blocked[n_blocked] = z  # the extra window suppresses z whatever happens above
+                n_blocked += 1
+                continue
             size = _heap_push(hk, hv, size, rank[z], z)
-    return n_changed, n_pushed
+    # Keep the blocked windows that would have been kept but for ``extra``: their kept
+    # earlier neighbours (in the base state) all ended suppressed, and no window that became
+    # kept above them overlaps them.
+    n_kept_blk = 0
+    for k in range(n_blocked):
+        z = blocked[k]
+        lo = e_ptr[z]
+        free = True
+        for e in range(lo, lo + base_cnt[z]):
+            if chg[e_idx[e]] != 2:
+                free = False
+                break
+        if free:
+            for c in range(n_changed):
+                x = changed[c]
+                if chg[x] == 1 and rank[x] < rank[z] and iou(boxes, x, z) > nu:
+                    free = False
+                    break
+        if free:
+            blocked[n_kept_blk] = z
+            n_kept_blk += 1
+    return n_changed, n_pushed, n_kept_blk
 
 
 @njit(cache=True, nogil=True)
