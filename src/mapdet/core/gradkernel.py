@@ -374,12 +374,14 @@ def _memo_reserve(memo, extra):
     """The memo with room for ``extra`` more buffer entries and one more value slot."""
     (mb, head, val, used) = memo
     if used[0] + extra > mb.size:
-        grown = np.empty(max(2 * mb.size, used[0] + extra), dtype=np.int64)
-        grown[: used[0]] = mb[: used[0]]
+        grown = np.empty(2 * mb.size + extra, dtype=np.int64)
+        for k in range(used[0]):  # explicit loops: slice copies cost seconds of compile time
+            grown[k] = mb[k]
         mb = grown
     if used[1] >= val.size:
         grown_v = np.empty(2 * val.size, dtype=np.float64)
-        grown_v[: used[1]] = val[: used[1]]
+        for k in range(used[1]):
+            grown_v[k] = val[k]
         val = grown_v
     return (mb, head, val, used)
 
