@@ -25,7 +25,10 @@ the direction within one class) in one place, :func:`normalization_scale`:
 Beyond one minibatch (docs/method.md, section 6):
 
 - ``memory=K`` keeps the detections of the last ``K`` minibatches (scores detached) and
-  includes them in the AP; only the current windows receive a gradient.
+  includes them in the AP; only the current windows receive a gradient. What a stored
+  minibatch contributes to each class's problem (its detections after NMS, their best
+  ground truth) is computed once, when it enters the memory
+  (:func:`mapdet.core.fixed.fix_detections`), not at every step.
 - ``distributed=True`` gathers the windows of every rank (``torch.distributed``) so that the
   AP is the global batch's; each rank receives the pseudo-gradients of its own windows,
   multiplied by the world size so that DDP's gradient averaging yields the global-batch
@@ -41,7 +44,7 @@ import dataclasses
 import math
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -49,6 +52,7 @@ from torch import nn
 
 from mapdet.core.ap import check_ap_method, check_iou_threshold, match_thresholds
 from mapdet.core.apnms import ap_pseudo_gradient_multiclass
+from mapdet.core.fixed import FixedDetections, fix_detections
 from mapdet.core.pseudograd import check_direction, check_min_step
 
 __all__ = ["LOSS_FORMS", "MAPLoss", "NORMALIZATIONS", "Windows", "normalization_scale"]
@@ -66,7 +70,9 @@ class Windows:
     Attributes:
         probs: ``(N, K)``; boxes: ``(N, K, 4)`` or ``(N, 4)``; image_ids: ``(N,)`` in
         ``0..B-1``; gt_boxes ``(G, 4)``, gt_labels ``(G,)``, gt_image_ids ``(G,)``,
-        gt_difficult ``(G,)``; num_images: ``B``.
+        gt_difficult ``(G,)``; num_images: ``B``; fixed: for a minibatch in the AP memory,
+        its :class:`mapdet.core.fixed.FixedDetections` (a cache, never saved; ``None``
+        until computed).
     """
 
     probs: np.ndarray
@@ -77,6 +83,7 @@ class Windows:
     gt_image_ids: np.ndarray
     gt_difficult: np.ndarray
     num_images: int
+    fixed: FixedDetections | None = field(default=None, repr=False, compare=False)
 
     @staticmethod
     def concat(parts: Sequence[Windows]) -> Windows:
@@ -291,8 +298,9 @@ class MAPLoss(nn.Module):
         run then sees the same AP context as an uninterrupted one. Arrays are stored as
         tensors so that ``torch.load(..., weights_only=True)`` accepts them."""
         return {"memory": [
-            {k: (v if k == "num_images" else torch.from_numpy(np.ascontiguousarray(v)))
-             for k, v in dataclasses.asdict(w).items()}
+            {f.name: (getattr(w, f.name) if f.name == "num_images"
+                      else torch.from_numpy(np.array(getattr(w, f.name))))
+             for f in dataclasses.fields(w) if f.name != "fixed"}
             for w in self._memory]}
 
     def set_extra_state(self, state: dict) -> None:
@@ -301,7 +309,16 @@ class MAPLoss(nn.Module):
             self._memory.append(Windows(**{
                 k: int(v) if k == "num_images" else
                 (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
-                for k, v in w.items()}))
+                for k, v in w.items()}))  # their fixed parts are rebuilt when first needed
+
+    def _fixed(self, w: Windows) -> FixedDetections:
+        """``w``'s fixed parts for the current detection function, computed once."""
+        f = w.fixed
+        if f is None or f.tau != self.score_threshold or f.nu != self.nms_iou:
+            f = w.fixed = fix_detections(
+                w.probs, w.boxes, w.image_ids, w.gt_boxes, w.gt_labels, w.gt_image_ids,
+                w.gt_difficult, score_threshold=self.score_threshold, nms_iou=self.nms_iou)
+        return f
 
     def forward(self, probs: torch.Tensor, boxes, image_ids, targets) -> torch.Tensor:
         current = windows_from_tensors(probs, boxes, image_ids, targets)
@@ -310,7 +327,7 @@ class MAPLoss(nn.Module):
         world = 1
         if self.distributed:
             local, rank_slices, world = _gather_windows(current)
-        context = local
+        fixed = []
         if self.memory and self._memory:
             k_old = self._memory[0].probs.shape[1]
             if k_old != local.probs.shape[1]:
@@ -318,19 +335,20 @@ class MAPLoss(nn.Module):
                     f"MAPLoss(memory={self.memory}): probs has K = {local.probs.shape[1]} "
                     f"classes but the stored minibatches have K = {k_old}; call "
                     "reset_memory() when the number of classes changes")
-            context = Windows.concat([local, *self._memory])
+            # The AP context is Windows.concat([local, *self._memory]) with only the current
+            # windows queried; the stored ones enter as their fixed parts, in deque order.
+            fixed = [self._fixed(w) for w in self._memory]
         aps, grads = ap_pseudo_gradient_multiclass(
-            context.probs, context.boxes, context.image_ids, context.gt_boxes,
-            context.gt_labels, context.gt_image_ids, context.gt_difficult,
-            score_threshold=self.score_threshold, nms_iou=self.nms_iou,
-            match_iou=self.match_iou, ap_method=self.ap_method, min_step=self.min_step,
-            num_threads=self.num_threads, grad_rows=local.probs.shape[0],
-            direction=self.direction,
+            local.probs, local.boxes, local.image_ids, local.gt_boxes, local.gt_labels,
+            local.gt_image_ids, local.gt_difficult, score_threshold=self.score_threshold,
+            nms_iou=self.nms_iou, match_iou=self.match_iou, ap_method=self.ap_method,
+            min_step=self.min_step, num_threads=self.num_threads, direction=self.direction,
+            fixed=fixed,
         )
         if self.memory:
-            self._memory.appendleft(_detached_detections(local, self.score_threshold))
-        n_local = local.probs.shape[0]
-        grads = grads[:n_local]
+            stored = _detached_detections(local, self.score_threshold)
+            self._fixed(stored)  # once, as it enters the memory
+            self._memory.appendleft(stored)
         defined = ~np.isnan(aps)
         self.last_ap = aps
         n_def = int(defined.sum())

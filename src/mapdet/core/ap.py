@@ -126,6 +126,16 @@ class GroundTruth:
                 )
         self.npos = int((~self.difficult).sum())
 
+    @classmethod
+    def checked(cls, boxes: np.ndarray, image_ids: np.ndarray,
+                difficult: np.ndarray) -> GroundTruth:
+        """Wrap arrays that are already checked (float64 ``(G, 4)``, int64 ``(G,)``, bool
+        ``(G,)``, as :meth:`__init__` would make them) without checking them again."""
+        gt = cls.__new__(cls)
+        gt.boxes, gt.image_ids, gt.difficult = boxes, image_ids, difficult
+        gt.npos = int(difficult.size - np.count_nonzero(difficult))
+        return gt
+
 
 def best_ground_truth(
     boxes: np.ndarray, image_ids: np.ndarray, gt: GroundTruth, pixel_offset: float = 0.0,
