@@ -11,7 +11,10 @@ minimum over ``--repeats`` runs after a warm-up, ``NUMBA_NUM_THREADS=1``, classe
   3 objects each): forward, pseudo-gradient, their ratio, the growth from 2k, and the
   kernel's counters (AP queries, scanned walks, direct segment sums, cascades run and reused).
 * ``memory``: ``MAPLoss(memory=20)`` against ``MAPLoss(memory=0)`` on the 2 x 2000 x 20
-  minibatch, forward and backward, after 20 other minibatches filled the memory.
+  minibatch, forward and backward, after 20 other minibatches filled the memory, with
+  ``torch.set_num_threads(1)`` (torch's other pool threads spin after each parallel op, and
+  CPU time counts that spin: about 15 ms a step on a 2-core machine, the loss's cost on no
+  core). Each step also pays what the memory costs in use: the minibatch entering it.
 * ``testset``: all pseudo-partials of a test set: 5,000 images x 100 windows x 20 classes.
 * ``brute``: fast against the definition (brute force), N = 300, one class; asserted equal.
 * ``compile``: numba compile time of a fresh install (an empty ``NUMBA_CACHE_DIR``): the
@@ -161,6 +164,8 @@ def part_memory(args, rows, result):
     import torch
 
     from mapdet import MAPLoss
+
+    torch.set_num_threads(1)  # one core: see the module docstring
 
     def call(loss, o):
         probs = torch.tensor(o.probs, requires_grad=True)
