@@ -36,7 +36,6 @@ import numpy as np
 
 from mapdet.core.ap import GroundTruth, best_ground_truth
 from mapdet.core.gradkernel import base_detections
-from mapdet.core.nms import detection_order
 
 __all__ = ["FixedClass", "FixedDetections", "fix_detections", "join_fixed"]
 
@@ -101,25 +100,41 @@ def fix_detections(scores, boxes, image_ids, gt_boxes, gt_labels, gt_image_ids, 
     gt_image_ids = np.asarray(gt_image_ids, dtype=np.int64).reshape(-1)
     gt_difficult = np.asarray(gt_difficult, dtype=bool).reshape(-1)
     tau, nu = float(score_threshold), float(nms_iou)
+    # All classes at once: every (class, image) pair is one NMS group and one matching group.
+    # Candidates are laid out class-major, windows ascending, so each group's candidates
+    # come in the class's detection order (score descending, window index ascending).
+    cls, win = np.nonzero(scores.T > tau)
+    s = scores[win, cls]
+    b = np.ascontiguousarray(boxes[win, cls] if boxes.ndim == 3 else boxes[win])
+    ids = np.unique(np.concatenate([image_ids, gt_image_ids]))
+    n_ids = max(ids.size, 1)
+    key = cls * n_ids + np.searchsorted(ids, image_ids[win])
+    groups, group = np.unique(key, return_inverse=True)
+    group = group.astype(np.int64).reshape(-1)
+    order = np.argsort(-s, kind="stable").astype(np.int64)
+    kept = base_detections(order, group, groups.size, b, nu, s.size)[1]
+    keep = np.flatnonzero(kept)
+    b = np.ascontiguousarray(b[keep])
+    # Ground truth class-major too (its order within a class kept: ties go to the lowest).
+    g_order = np.argsort(gt_labels, kind="stable")
+    g_cls = gt_labels[g_order]
+    gt = GroundTruth.checked(gt_boxes[g_order],
+                             g_cls * n_ids + np.searchsorted(ids, gt_image_ids[g_order]),
+                             gt_difficult[g_order])
+    best, best_iou = best_ground_truth(b, key[keep], gt)
+    g_lo = np.searchsorted(g_cls, np.arange(k + 1))
+    best = np.where(best >= 0, best - g_lo[cls[keep]], -1)
+    # Per class: its images numbered densely, in increasing image id, from 0.
+    first_group = np.searchsorted(groups // n_ids, np.arange(k + 1))
+    img = group[keep] - first_group[cls[keep]]
+    lo = np.searchsorted(cls[keep], np.arange(k + 1))
     parts = []
     for c in range(k):
-        sel = gt_labels == c
-        difficult = gt_difficult[sel]
-        gt = GroundTruth.checked(gt_boxes[sel], gt_image_ids[sel], difficult)
-        cand = np.flatnonzero(scores[:, c] > tau)
-        if cand.size == 0:
-            parts.append(FixedClass(np.zeros(0), np.zeros((0, 4)), np.zeros(0, np.int64), 0,
-                                    np.zeros(0, np.int64), np.zeros(0), difficult, gt.npos))
-            continue
-        s = scores[cand, c]
-        b = np.ascontiguousarray(boxes[cand, c] if boxes.ndim == 3 else boxes[cand])
-        img, n_img = _dense(image_ids[cand])
-        kept = base_detections(detection_order(s, tau), img, n_img, b, nu, cand.size)[1]
-        keep = np.flatnonzero(kept)
-        b = np.ascontiguousarray(b[keep])
-        best, best_iou = best_ground_truth(b, image_ids[cand[keep]], gt)
-        parts.append(FixedClass(s[keep], b, img[keep], n_img, best, best_iou, difficult,
-                                gt.npos))
+        r = slice(lo[c], lo[c + 1])
+        difficult = gt.difficult[g_lo[c]:g_lo[c + 1]]
+        parts.append(FixedClass(
+            s[keep[r]], b[r], img[r], int(first_group[c + 1] - first_group[c]), best[r],
+            best_iou[r], difficult, int(difficult.size - np.count_nonzero(difficult))))
     return FixedDetections(tuple(parts), tau, nu)
 
 
