@@ -85,23 +85,50 @@ def nms_keep(icand, iptr, boxes, nu, n):
     return kept
 
 
+@njit(cache=True, nogil=True, error_model="numpy")
+def _overlaps_after(a, m, soa, nu, flags):
+    """``flags[c] = IoU(a, c) > nu`` for ``c`` in ``a+1..m-1``, the image's candidates in rank
+    order as columns of ``soa (5, m)`` (x1, y1, x2, y2, area). The arithmetic is
+    :func:`iou`'s, operation for operation, so the decisions are the same; without branches
+    (a zero union gives NaN, which compares False like :func:`iou`'s 0 for ``nu > 0``) the
+    loop vectorises."""
+    x1, y1, x2, y2, area = soa[0], soa[1], soa[2], soa[3], soa[4]
+    ax1, ay1, ax2, ay2, area_a = x1[a], y1[a], x2[a], y2[a], area[a]
+    for c in range(a + 1, m):
+        iw = max(min(ax2, x2[c]) - max(ax1, x1[c]) + 0.0, 0.0)
+        ih = max(min(ay2, y2[c]) - max(ay1, y1[c]) + 0.0, 0.0)
+        inter = iw * ih
+        flags[c] = inter / (area_a + area[c] - inter) > nu
+
+
 @njit(cache=True, nogil=True)
-def _neighbour_pass(icand, iptr, need, boxes, nu, cnt, idx, fill):
+def _neighbour_pass(icand, iptr, need, boxes, nu, cnt, idx, fill, soa, flags):
     """Visit every neighbour pair of the needed images once: count (``fill`` False) into
-    ``cnt[w + 1]`` or write (``fill`` True) at ``idx[cnt[w]]``, advancing ``cnt[w]``."""
+    ``cnt[w + 1]`` or write (``fill`` True) at ``idx[cnt[w]]``, advancing ``cnt[w]``.
+    ``soa``, ``flags``: scratch for the largest image (:func:`_overlaps_after`)."""
     for b in range(iptr.size - 1):
         if not need[b]:
             continue
-        for a in range(iptr[b], iptr[b + 1]):
-            wa = icand[a]
-            for c in range(a + 1, iptr[b + 1]):
-                wc = icand[c]
-                if iou(boxes, wa, wc) > nu:
-                    if fill:
-                        idx[cnt[wa]] = wc
+        lo = iptr[b]
+        m = iptr[b + 1] - lo
+        for k in range(m):
+            w = icand[lo + k]
+            for c in range(4):
+                soa[c, k] = boxes[w, c]
+            soa[4, k] = (boxes[w, 2] - boxes[w, 0] + 0.0) * (boxes[w, 3] - boxes[w, 1] + 0.0)
+        for a in range(m - 1):
+            _overlaps_after(a, m, soa, nu, flags)
+            wa = icand[lo + a]
+            if fill:
+                for c in range(a + 1, m):
+                    if flags[c]:
+                        idx[cnt[wa]] = icand[lo + c]
                         cnt[wa] += 1
-                    else:
-                        cnt[wa + 1] += 1
+            else:
+                k = 0
+                for c in range(a + 1, m):
+                    k += flags[c]
+                cnt[wa + 1] += k
 
 
 @njit(cache=True, nogil=True)
@@ -113,13 +140,18 @@ def later_neighbours(icand, iptr, need, boxes, nu, n):
     idx = np.empty(0, dtype=np.int64)
     if nu >= 1.0:
         return ptr, idx
+    m_max = 0
+    for b in range(iptr.size - 1):
+        m_max = max(m_max, iptr[b + 1] - iptr[b])
+    soa = np.empty((5, m_max), dtype=np.float64)
+    flags = np.empty(m_max, dtype=np.bool_)
     count_only = n < 0  # a typed False: literal arguments would compile the pass twice
-    _neighbour_pass(icand, iptr, need, boxes, nu, ptr, idx, count_only)
+    _neighbour_pass(icand, iptr, need, boxes, nu, ptr, idx, count_only, soa, flags)
     for w in range(n):
         ptr[w + 1] += ptr[w]
     idx = np.empty(ptr[n], dtype=np.int64)
     pos = ptr[:-1].copy()
-    _neighbour_pass(icand, iptr, need, boxes, nu, pos, idx, not count_only)
+    _neighbour_pass(icand, iptr, need, boxes, nu, pos, idx, not count_only, soa, flags)
     return ptr, idx
 
 
