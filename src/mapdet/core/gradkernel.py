@@ -201,24 +201,25 @@ def _walk(up, i, r_lo, r_hi, monotone, change, rp, f0, tol, mu, s, runs, ctx, st
     return 0.0, 0.0
 
 
-@njit(cache=True, nogil=True)
-def _kept_neighbours(i, boxes, b, dptr, idet, dbox, nu, seeds):
+@njit(cache=True, nogil=True, error_model="numpy")
+def _kept_neighbours(i, boxes, b, dptr, idet, dsoa, nu, seeds, flags):
     """The detections of image ``b`` with ``IoU > nu`` with window ``i``, in rank order,
-    into ``seeds``; returns their number. Same arithmetic as :func:`overlap.iou`; a pair
-    that does not intersect has IoU 0 and is skipped before the division (exact for
-    ``nu >= 0``; the full IoU is computed otherwise)."""
+    into ``seeds``; returns their number. ``dsoa (5, D)``: the detections' x1, y1, x2, y2
+    and area, image by image (``dptr``, ``idet``); ``flags (D,)`` scratch. Same arithmetic
+    as :func:`overlap.iou`, so the same decisions; the IoU loop has no branch (a zero union
+    gives NaN, which compares False like ``iou``'s 0 for ``nu > 0``) and vectorises."""
     x1, y1, x2, y2 = boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3]
     area_i = (x2 - x1 + 0.0) * (y2 - y1 + 0.0)
-    k = 0
-    for j in range(dptr[b], dptr[b + 1]):
-        iw = max(min(x2, dbox[j, 2]) - max(x1, dbox[j, 0]) + 0.0, 0.0)
-        ih = max(min(y2, dbox[j, 3]) - max(y1, dbox[j, 1]) + 0.0, 0.0)
+    dx1, dy1, dx2, dy2, darea = dsoa[0], dsoa[1], dsoa[2], dsoa[3], dsoa[4]
+    lo, hi = dptr[b], dptr[b + 1]
+    for j in range(lo, hi):
+        iw = max(min(x2, dx2[j]) - max(x1, dx1[j]) + 0.0, 0.0)
+        ih = max(min(y2, dy2[j]) - max(y1, dy1[j]) + 0.0, 0.0)
         inter = iw * ih
-        if inter == 0.0 and nu >= 0.0:
-            continue
-        union = dbox[j, 4] + area_i - inter
-        v = inter / union if union > 0.0 else 0.0
-        if v > nu:
+        flags[j] = inter / (darea[j] + area_i - inter) > nu
+    k = 0
+    for j in range(lo, hi):
+        if flags[j]:
             seeds[k] = idet[j]
             k += 1
     return k
@@ -491,12 +492,13 @@ def pseudo_gradient_kernel(prob, n_grad, grad, gain, stats):
     dptr, idet = group_by(img, det, n_img)
     # The detections' boxes and areas per image, contiguous: every window that is not a
     # detection scans its image's detections for its kept neighbours.
-    dbox = np.empty((n_det, 5), dtype=np.float64)
+    dsoa = np.empty((5, n_det), dtype=np.float64)
+    dflags = np.empty(n_det, dtype=np.bool_)
     for j in range(n_det):
         d = idet[j]
         for c in range(4):
-            dbox[j, c] = boxes[d, c]
-        dbox[j, 4] = (boxes[d, 2] - boxes[d, 0] + 0.0) * (boxes[d, 3] - boxes[d, 1] + 0.0)
+            dsoa[c, j] = boxes[d, c]
+        dsoa[4, j] = (boxes[d, 2] - boxes[d, 0] + 0.0) * (boxes[d, 3] - boxes[d, 1] + 0.0)
     # Tied-score runs of the base list, once.
     run_id = np.empty(n_det, dtype=np.int64)
     run_start = np.empty(n_det, dtype=np.int64)
@@ -615,7 +617,8 @@ def pseudo_gradient_kernel(prob, n_grad, grad, gain, stats):
             # ---- i is not a detection: only moving up can change anything.
             n_seeds = zero
             if nu < 1.0:
-                n_seeds = _kept_neighbours(i, boxes, img[i], dptr, idet, dbox, nu, seeds)
+                n_seeds = _kept_neighbours(i, boxes, img[i], dptr, idet, dsoa, nu, seeds,
+                                           dflags)
             if n_seeds == 0 and not tp_any and not change:
                 # Enters at the bottom as an FP (an FP after the last TP changes no
                 # precision) and can only lose by moving further up.
