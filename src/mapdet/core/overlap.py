@@ -157,21 +157,25 @@ def later_neighbours(icand, iptr, need, boxes, nu, n):
 
 @njit(cache=True, nogil=True)
 def cascade_graph(nb_ptr, nb_idx, base_kept, base_cnt, n):
-    """The lists :func:`cascade` walks, as three CSR pairs in one tuple:
-    earlier neighbours of each window (those kept in the base state first), later neighbours
-    kept in the base state, later neighbours suppressed in the base state sorted by
-    ``base_cnt`` ascending."""
+    """The lists :func:`cascade` walks, as three CSR pairs in one tuple: the *kept* earlier
+    neighbours of each window (``base_cnt[y]`` of them; kept in the base state), the later
+    neighbours of each suppressed window that are kept (what a released window suppresses),
+    and the later neighbours of each kept window (all suppressed, by it), sorted by
+    ``base_cnt`` ascending (stable). A cascade only suppresses kept windows and only releases
+    suppressed ones, so no other list is ever read; the lists of the other kind are empty."""
     e_ptr = np.zeros(n + 1, dtype=np.int64)
     lk_ptr = np.zeros(n + 1, dtype=np.int64)
     ls_ptr = np.zeros(n + 1, dtype=np.int64)
     for w in range(n):
-        for e in range(nb_ptr[w], nb_ptr[w + 1]):
-            y = nb_idx[e]
-            e_ptr[y + 1] += 1
-            if base_kept[y]:
-                lk_ptr[w + 1] += 1
-            else:
-                ls_ptr[w + 1] += 1
+        lo, hi = nb_ptr[w], nb_ptr[w + 1]
+        if base_kept[w]:
+            ls_ptr[w + 1] = hi - lo
+            for e in range(lo, hi):
+                e_ptr[nb_idx[e] + 1] += 1
+        else:
+            for e in range(lo, hi):
+                if base_kept[nb_idx[e]]:
+                    lk_ptr[w + 1] += 1
     for w in range(n):
         e_ptr[w + 1] += e_ptr[w]
         lk_ptr[w + 1] += lk_ptr[w]
@@ -180,45 +184,37 @@ def cascade_graph(nb_ptr, nb_idx, base_kept, base_cnt, n):
     lk_idx = np.empty(lk_ptr[n], dtype=np.int64)
     ls_idx = np.empty(ls_ptr[n], dtype=np.int64)
     e_pos = e_ptr[:-1].copy()
-    lk_pos = lk_ptr[:-1].copy()
-    ls_pos = ls_ptr[:-1].copy()
-    for kept_first in (True, False):
-        for w in range(n):
-            if base_kept[w] != kept_first:
-                continue
-            for e in range(nb_ptr[w], nb_ptr[w + 1]):
-                y = nb_idx[e]
-                e_idx[e_pos[y]] = w
-                e_pos[y] += 1
-    for w in range(n):
-        for e in range(nb_ptr[w], nb_ptr[w + 1]):
-            y = nb_idx[e]
-            if base_kept[y]:
-                lk_idx[lk_pos[w]] = y
-                lk_pos[w] += 1
-            else:
-                ls_idx[ls_pos[w]] = y
-                ls_pos[w] += 1
-    # Sort each suppressed list by base_cnt (counting sort, stable; keys are small).
     tally = np.zeros(n + 2, dtype=np.int64)
-    tmp = np.empty(ls_idx.size, dtype=np.int64)
     for w in range(n):
-        lo, hi = ls_ptr[w], ls_ptr[w + 1]
+        lo, hi = nb_ptr[w], nb_ptr[w + 1]
+        if not base_kept[w]:
+            k = lk_ptr[w]
+            for e in range(lo, hi):
+                if base_kept[nb_idx[e]]:
+                    lk_idx[k] = nb_idx[e]
+                    k += 1
+            continue
+        for e in range(lo, hi):
+            y = nb_idx[e]
+            e_idx[e_pos[y]] = w
+            e_pos[y] += 1
+        # Its suppressed list, sorted by base_cnt (counting sort, stable; keys are small).
+        out = ls_ptr[w]
         if hi - lo < 2:
+            for e in range(lo, hi):
+                ls_idx[out + e - lo] = nb_idx[e]
             continue
         top = 0
         for e in range(lo, hi):
-            k = base_cnt[ls_idx[e]]
+            k = base_cnt[nb_idx[e]]
             tally[k + 1] += 1
             top = max(top, k + 1)
         for k in range(top):
             tally[k + 1] += tally[k]
         for e in range(lo, hi):
-            k = base_cnt[ls_idx[e]]
-            tmp[lo + tally[k]] = ls_idx[e]
+            k = base_cnt[nb_idx[e]]
+            ls_idx[out + tally[k]] = nb_idx[e]
             tally[k] += 1
-        for e in range(lo, hi):
-            ls_idx[e] = tmp[e]
         tally[: top + 1] = 0
     return (e_ptr, e_idx, lk_ptr, lk_idx, ls_ptr, ls_idx)
 
