@@ -38,10 +38,9 @@ from mapdet.core.editap import (
 )
 from mapdet.core.overlap import (
     cascade,
-    cascade_graph,
     group_by,
     iou,
-    later_neighbours,
+    kept_graph,
     nms_keep,
     reset_after,
 )
@@ -475,14 +474,7 @@ def pseudo_gradient_kernel(prob, n_grad, grad, gain, stats):
     need = np.zeros(n_img, dtype=np.bool_)
     for i in range(n_grad):
         need[img[i]] = True
-    nb_ptr, nb_idx = later_neighbours(icand, iptr, need, boxes, nu, n)
-    base_cnt = np.zeros(n, dtype=np.int64)
-    for r in range(order.size):
-        w = order[r]
-        if kept[w]:
-            for e in range(nb_ptr[w], nb_ptr[w + 1]):
-                base_cnt[nb_idx[e]] += 1
-    graph = cascade_graph(nb_ptr, nb_idx, kept, base_cnt, n)
+    graph, base_cnt = kept_graph(icand, iptr, need, kept, boxes, nu, n)
     ls_ptr, ls_idx = graph[4], graph[5]
     det_pos = np.full(n, -1, dtype=np.int64)
     det_rank = np.empty(n_det, dtype=np.int64)

@@ -19,8 +19,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["cascade", "cascade_graph", "group_by", "iou", "later_neighbours", "nms_keep",
-           "reset_after"]
+__all__ = ["cascade", "group_by", "iou", "kept_graph", "nms_keep", "reset_after"]
 
 
 @njit(cache=True, nogil=True)
@@ -86,96 +85,102 @@ def nms_keep(icand, iptr, boxes, nu, n):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _overlaps_after(a, m, soa, nu, flags):
-    """``flags[c] = IoU(a, c) > nu`` for ``c`` in ``a+1..m-1``, the image's candidates in rank
-    order as columns of ``soa (5, m)`` (x1, y1, x2, y2, area). The arithmetic is
-    :func:`iou`'s, operation for operation, so the decisions are the same; without branches
-    (a zero union gives NaN, which compares False like :func:`iou`'s 0 for ``nu > 0``) the
-    loop vectorises."""
-    x1, y1, x2, y2, area = soa[0], soa[1], soa[2], soa[3], soa[4]
-    ax1, ay1, ax2, ay2, area_a = x1[a], y1[a], x2[a], y2[a], area[a]
-    for c in range(a + 1, m):
-        iw = max(min(ax2, x2[c]) - max(ax1, x1[c]) + 0.0, 0.0)
-        ih = max(min(ay2, y2[c]) - max(ay1, y1[c]) + 0.0, 0.0)
+def _overlaps_kept(c, boxes, nk, ksoa, nu, flags):
+    """``flags[j] = IoU(c, j-th kept window) > nu`` for ``j < nk``, the kept windows as
+    columns of ``ksoa (5, K)`` (x1, y1, x2, y2, area). :func:`iou`'s arithmetic operation for
+    operation (it is symmetric), so the same decisions; without branches (a zero union gives
+    NaN, which compares False like :func:`iou`'s 0 for ``nu > 0``) the loop vectorises."""
+    x1, y1, x2, y2 = boxes[c, 0], boxes[c, 1], boxes[c, 2], boxes[c, 3]
+    area_c = (x2 - x1 + 0.0) * (y2 - y1 + 0.0)
+    kx1, ky1, kx2, ky2, karea = ksoa[0], ksoa[1], ksoa[2], ksoa[3], ksoa[4]
+    for j in range(nk):
+        iw = max(min(kx2[j], x2) - max(kx1[j], x1) + 0.0, 0.0)
+        ih = max(min(ky2[j], y2) - max(ky1[j], y1) + 0.0, 0.0)
         inter = iw * ih
-        flags[c] = inter / (area_a + area[c] - inter) > nu
+        flags[j] = inter / (karea[j] + area_c - inter) > nu
 
 
 @njit(cache=True, nogil=True)
-def _neighbour_pass(icand, iptr, need, boxes, nu, cnt, idx, fill, soa, flags):
-    """Visit every neighbour pair of the needed images once: count (``fill`` False) into
-    ``cnt[w + 1]`` or write (``fill`` True) at ``idx[cnt[w]]``, advancing ``cnt[w]``.
-    ``soa``, ``flags``: scratch for the largest image (:func:`_overlaps_after`)."""
+def _kept_pairs(icand, iptr, need, kept, boxes, nu, graph, base_cnt, fill, scratch):
+    """Visit every (candidate, kept neighbour) pair of the needed images once. Count
+    (``fill`` False: into ``ptr[w + 1]`` of the three lists, and ``base_cnt``) or write
+    (``fill`` True: at ``idx[ptr[w]]``, advancing ``ptr[w]``) the edges of
+    :func:`kept_graph`. ``scratch = (ksoa (5, K), kwin (K,), kpos (K,), flags (K,))`` for the
+    largest number ``K`` of kept windows in an image."""
+    (e_ptr, e_idx, lk_ptr, lk_idx, ls_ptr, ls_idx) = graph
+    (ksoa, kwin, kpos, flags) = scratch
     for b in range(iptr.size - 1):
         if not need[b]:
             continue
         lo = iptr[b]
         m = iptr[b + 1] - lo
-        for k in range(m):
-            w = icand[lo + k]
-            for c in range(4):
-                soa[c, k] = boxes[w, c]
-            soa[4, k] = (boxes[w, 2] - boxes[w, 0] + 0.0) * (boxes[w, 3] - boxes[w, 1] + 0.0)
-        for a in range(m - 1):
-            _overlaps_after(a, m, soa, nu, flags)
-            wa = icand[lo + a]
-            if fill:
-                for c in range(a + 1, m):
-                    if flags[c]:
-                        idx[cnt[wa]] = icand[lo + c]
-                        cnt[wa] += 1
-            else:
-                k = 0
-                for c in range(a + 1, m):
-                    k += flags[c]
-                cnt[wa + 1] += k
+        nk = 0
+        for a in range(m):
+            w = icand[lo + a]
+            if kept[w]:
+                for c in range(4):
+                    ksoa[c, nk] = boxes[w, c]
+                ksoa[4, nk] = ((boxes[w, 2] - boxes[w, 0] + 0.0)
+                               * (boxes[w, 3] - boxes[w, 1] + 0.0))
+                kwin[nk] = w
+                kpos[nk] = a
+                nk += 1
+        for a in range(m):
+            c = icand[lo + a]
+            _overlaps_kept(c, boxes, nk, ksoa, nu, flags)
+            for j in range(nk):
+                if not flags[j] or kpos[j] == a:
+                    continue
+                k = kwin[j]
+                if kpos[j] < a:  # k kept above c: c suppressed by k
+                    if fill:
+                        e_idx[e_ptr[c]] = k
+                        e_ptr[c] += 1
+                        ls_idx[ls_ptr[k]] = c
+                        ls_ptr[k] += 1
+                    else:
+                        e_ptr[c + 1] += 1
+                        ls_ptr[k + 1] += 1
+                        base_cnt[c] += 1
+                elif fill:  # k kept below c (c is suppressed: kept windows do not overlap)
+                    lk_idx[lk_ptr[c]] = k
+                    lk_ptr[c] += 1
+                else:
+                    lk_ptr[c + 1] += 1
 
 
 @njit(cache=True, nogil=True)
-def later_neighbours(icand, iptr, need, boxes, nu, n):
-    """Overlap graph of the images with ``need[b]``: for each window its later neighbours
-    (same image, ``IoU > nu``) in rank order, as CSR ``(ptr (n+1,), idx (E,))``. Windows of
-    the other images get no edges (nothing is ever asked about them)."""
-    ptr = np.zeros(n + 1, dtype=np.int64)
-    idx = np.empty(0, dtype=np.int64)
+def kept_graph(icand, iptr, need, kept, boxes, nu, n):
+    """The overlap lists :func:`cascade` walks, for the images with ``need[b]``; windows of
+    the other images get empty lists (nothing is ever asked about them).
+
+    ``icand[iptr[b]:iptr[b+1]]`` are image ``b``'s candidates in rank order, ``kept (n,)``
+    greedy NMS's decisions. Returns ``(graph, base_cnt)``: ``graph`` is three CSR pairs in
+    one tuple, ``(e_ptr, e_idx)`` each window's kept earlier neighbours (there are
+    ``base_cnt[w]`` of them), ``(lk_ptr, lk_idx)`` a suppressed window's kept later
+    neighbours in rank order (what it suppresses once released) and ``(ls_ptr, ls_idx)`` a
+    kept window's later neighbours (all suppressed, by it) in rank order, then stably sorted
+    by ``base_cnt``. A cascade only suppresses kept windows and only releases suppressed
+    ones, so no other list is ever read, and every pair involves a kept window:
+    ``O(C K)`` IoUs per image (``C`` candidates, ``K`` kept), not ``O(C^2)``."""
+    z = np.zeros(n + 1, dtype=np.int64)
+    none = np.empty(0, dtype=np.int64)
+    graph = (z, none, z.copy(), none, z.copy(), none)
+    base_cnt = np.zeros(n, dtype=np.int64)
     if nu >= 1.0:
-        return ptr, idx
-    m_max = 0
+        return graph, base_cnt
+    k_max = 0
     for b in range(iptr.size - 1):
-        m_max = max(m_max, iptr[b + 1] - iptr[b])
-    soa = np.empty((5, m_max), dtype=np.float64)
-    flags = np.empty(m_max, dtype=np.bool_)
+        nk = 0
+        for a in range(iptr[b], iptr[b + 1]):
+            if kept[icand[a]]:
+                nk += 1
+        k_max = max(k_max, nk)
+    scratch = (np.empty((5, k_max), dtype=np.float64), np.empty(k_max, dtype=np.int64),
+               np.empty(k_max, dtype=np.int64), np.empty(k_max, dtype=np.bool_))
     count_only = n < 0  # a typed False: literal arguments would compile the pass twice
-    _neighbour_pass(icand, iptr, need, boxes, nu, ptr, idx, count_only, soa, flags)
-    for w in range(n):
-        ptr[w + 1] += ptr[w]
-    idx = np.empty(ptr[n], dtype=np.int64)
-    pos = ptr[:-1].copy()
-    _neighbour_pass(icand, iptr, need, boxes, nu, pos, idx, not count_only, soa, flags)
-    return ptr, idx
-
-
-@njit(cache=True, nogil=True)
-def cascade_graph(nb_ptr, nb_idx, base_kept, base_cnt, n):
-    """The lists :func:`cascade` walks, as three CSR pairs in one tuple: the *kept* earlier
-    neighbours of each window (``base_cnt[y]`` of them; kept in the base state), the later
-    neighbours of each suppressed window that are kept (what a released window suppresses),
-    and the later neighbours of each kept window (all suppressed, by it), sorted by
-    ``base_cnt`` ascending (stable). A cascade only suppresses kept windows and only releases
-    suppressed ones, so no other list is ever read; the lists of the other kind are empty."""
-    e_ptr = np.zeros(n + 1, dtype=np.int64)
-    lk_ptr = np.zeros(n + 1, dtype=np.int64)
-    ls_ptr = np.zeros(n + 1, dtype=np.int64)
-    for w in range(n):
-        lo, hi = nb_ptr[w], nb_ptr[w + 1]
-        if base_kept[w]:
-            ls_ptr[w + 1] = hi - lo
-            for e in range(lo, hi):
-                e_ptr[nb_idx[e] + 1] += 1
-        else:
-            for e in range(lo, hi):
-                if base_kept[nb_idx[e]]:
-                    lk_ptr[w + 1] += 1
+    _kept_pairs(icand, iptr, need, kept, boxes, nu, graph, base_cnt, count_only, scratch)
+    (e_ptr, _, lk_ptr, _, ls_ptr, _) = graph
     for w in range(n):
         e_ptr[w + 1] += e_ptr[w]
         lk_ptr[w + 1] += lk_ptr[w]
@@ -183,40 +188,30 @@ def cascade_graph(nb_ptr, nb_idx, base_kept, base_cnt, n):
     e_idx = np.empty(e_ptr[n], dtype=np.int64)
     lk_idx = np.empty(lk_ptr[n], dtype=np.int64)
     ls_idx = np.empty(ls_ptr[n], dtype=np.int64)
-    e_pos = e_ptr[:-1].copy()
+    fill = (e_ptr[:-1].copy(), e_idx, lk_ptr[:-1].copy(), lk_idx, ls_ptr[:-1].copy(), ls_idx)
+    _kept_pairs(icand, iptr, need, kept, boxes, nu, fill, base_cnt, not count_only, scratch)
+    # Each kept window's list sorted by base_cnt (counting sort, stable; keys are small).
     tally = np.zeros(n + 2, dtype=np.int64)
+    tmp = np.empty(ls_idx.size, dtype=np.int64)
     for w in range(n):
-        lo, hi = nb_ptr[w], nb_ptr[w + 1]
-        if not base_kept[w]:
-            k = lk_ptr[w]
-            for e in range(lo, hi):
-                if base_kept[nb_idx[e]]:
-                    lk_idx[k] = nb_idx[e]
-                    k += 1
-            continue
-        for e in range(lo, hi):
-            y = nb_idx[e]
-            e_idx[e_pos[y]] = w
-            e_pos[y] += 1
-        # Its suppressed list, sorted by base_cnt (counting sort, stable; keys are small).
-        out = ls_ptr[w]
+        lo, hi = ls_ptr[w], ls_ptr[w + 1]
         if hi - lo < 2:
-            for e in range(lo, hi):
-                ls_idx[out + e - lo] = nb_idx[e]
             continue
         top = 0
         for e in range(lo, hi):
-            k = base_cnt[nb_idx[e]]
+            k = base_cnt[ls_idx[e]]
             tally[k + 1] += 1
             top = max(top, k + 1)
         for k in range(top):
             tally[k + 1] += tally[k]
         for e in range(lo, hi):
-            k = base_cnt[nb_idx[e]]
-            ls_idx[out + tally[k]] = nb_idx[e]
+            k = base_cnt[ls_idx[e]]
+            tmp[lo + tally[k]] = ls_idx[e]
             tally[k] += 1
+        for e in range(lo, hi):
+            ls_idx[e] = tmp[e]
         tally[: top + 1] = 0
-    return (e_ptr, e_idx, lk_ptr, lk_idx, ls_ptr, ls_idx)
+    return (e_ptr, e_idx, lk_ptr, lk_idx, ls_ptr, ls_idx), base_cnt
 
 
 @njit(cache=True, nogil=True)
