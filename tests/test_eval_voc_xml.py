@@ -81,7 +81,8 @@ def document(draw) -> tuple[str, bool]:
     if draw(st.integers(0, 9)):
         kids.append(draw(container("size", size)))
     kids += draw(st.lists(obj(), max_size=4))
-    if draw(st.integers(0, 5)) == 0:  # an object nested where the reader does not look
+    nested = draw(st.integers(0, 5)) == 0
+    if nested:  # an object nested where the reader does not look
         kids.append(draw(container("owner", [draw(obj())])))
     if draw(st.booleans()):
         kids = draw(st.permutations(kids))
@@ -99,7 +100,9 @@ def document(draw) -> tuple[str, bool]:
     ]))
     if odd is not None:
         text = text.replace(*odd, 1)
-    return text, odd is None
+    # A nested object is not plain: the reader ignores it, and the scanner may decline the
+    # file when it is malformed (an empty <bndbox>), which is safe (the reader then runs).
+    return text, odd is None and not nested
 
 
 def reference(tmp_path, data: bytes, skip_unknown: bool):
