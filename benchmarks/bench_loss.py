@@ -9,7 +9,8 @@ minimum over ``--repeats`` runs after a warm-up, ``NUMBA_NUM_THREADS=1``, classe
   side, class-specific boxes); each with one IoU threshold and with the 10 COCO thresholds.
 * ``scaling``: one class, N = 2k / 8k / 32k windows spread over N/50 images (50 windows and
   3 objects each): forward, pseudo-gradient, their ratio, the growth from 2k, and the
-  kernel's counters (AP queries, scanned walks, direct segment sums, cascades run and reused).
+  kernel's counters (AP queries, scanned walks, direct segment sums, cascades run and reused,
+  windows of quiet images).
 * ``memory``: ``MAPLoss(memory=20)`` against ``MAPLoss(memory=0)`` on the 2 x 2000 x 20
   minibatch, forward and backward, after 20 other minibatches filled the memory, with
   ``torch.set_num_threads(1)`` (torch's other pool threads spin after each parallel op, and
@@ -145,7 +146,7 @@ def part_scaling(args, rows, result):
         inputs = _one_class(o, 0)
         fwd = _cpu_time(lambda: ap_after_nms(*inputs), args.repeats)  # noqa: B023
         grad = _cpu_time(lambda: ap_pseudo_gradient(*inputs), args.repeats)  # noqa: B023
-        stats = np.zeros(6, dtype=np.int64)
+        stats = np.zeros(7, dtype=np.int64)
         _solve(_ClassProblem(*inputs, 0.05, 0.3, 0.5, "area", 1e-3), None, stats)
         base = base or grad
         rows.append((f"one class, N = {n:>6,} ({int((inputs[0] > 0.05).sum()):,} candidates)",
@@ -153,11 +154,13 @@ def part_scaling(args, rows, result):
                      f"ratio {grad / fwd:4.1f}x | growth {grad / base:5.1f}x | "
                      f"{stats[0]:,} AP queries, {stats[1]} scanned walks, "
                      f"{stats[2]} direct sums of {stats[3]:,} segments, "
-                     f"{stats[4]:,} cascades run, {stats[5]:,} reused"))
+                     f"{stats[4]:,} cascades run, {stats[5]:,} reused, "
+                     f"{stats[6]:,} windows of quiet images"))
         result[f"scaling/{n}"] = dict(forward_ms=fwd * 1e3, gradient_ms=grad * 1e3,
                                       queries=int(stats[0]), scanned=int(stats[1]),
                                       direct=int(stats[2]), segments=int(stats[3]),
-                                      cascades=int(stats[4]), reused=int(stats[5]))
+                                      cascades=int(stats[4]), reused=int(stats[5]),
+                                      quiet=int(stats[6]))
 
 
 def part_memory(args, rows, result):

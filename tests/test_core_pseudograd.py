@@ -168,7 +168,7 @@ def test_recorded_cascade_is_reused_only_when_it_is_provably_the_same(i1_first):
     kw = dict(score_threshold=0.05, nms_iou=0.3, min_step=1e-3)
     p = _ClassProblem(*args, None, kw["score_threshold"], kw["nms_iou"], 0.5, "area",
                       kw["min_step"])
-    stats = np.zeros(6, dtype=np.int64)
+    stats = np.zeros(7, dtype=np.int64)
     ap, g = _solve(p, None, stats)
     ap_ref, g_ref = ap_pseudo_gradient_reference(*args, **kw)
     assert ap == ap_ref == 0.0
@@ -177,4 +177,33 @@ def test_recorded_cascade_is_reused_only_when_it_is_provably_the_same(i1_first):
     # Cascades of windows not kept, run / reused: z's is run (h suppressed, z the moved
     # window). i1 cannot reuse it (z would be released) and runs its own; i2 cannot reuse
     # i1's (z released overlaps i2) but reuses z's; i3 reuses i1's. In either order: 2 / 2.
-    assert list(stats[4:]) == [2, 2]
+    assert list(stats[4:6]) == [2, 2]
+
+
+@pytest.mark.parametrize("fp_on_top", [False, True])
+def test_quiet_image_is_skipped_only_below_the_last_tp(fp_on_top):
+    # Image 0: a TP (0.9). Image 1 has no object: a kept FP d1 (0.5), a window it suppresses
+    # (0.4) and one below the threshold (0.02). Every state image 1's windows reach differs
+    # only below the last TP, so under the nearest improvement they are skipped ("quiet",
+    # counted in stats[6]) with pseudo-partial 0. With an FP above the TP in image 1 (0.95),
+    # the image is not quiet: that FP gains by moving down.
+    obj, far = [0, 0, 10, 10], [50, 50, 60, 60]
+    boxes = [obj, far, [51, 50, 61, 60], [50, 51, 60, 61]]
+    scores = [0.9, 0.5, 0.4, 0.02]
+    img = [0, 1, 1, 1]
+    if fp_on_top:
+        boxes, scores, img = boxes + [[20, 20, 30, 30]], scores + [0.95], img + [1]
+    args = (np.array(scores), np.array(boxes, dtype=float), img, [obj], [0])
+    kw = dict(score_threshold=0.05, nms_iou=0.3, min_step=1e-3)
+    for direction in ("nearest_improvement", "both_summed", "nearest_change"):
+        p = _ClassProblem(*args, None, kw["score_threshold"], kw["nms_iou"], 0.5, "area",
+                          kw["min_step"], direction=direction)
+        stats = np.zeros(7, dtype=np.int64)
+        ap, g = _solve(p, None, stats)
+        ap_ref, g_ref = ap_pseudo_gradient_reference(*args, direction=direction, **kw)
+        assert ap == pytest.approx(ap_ref)
+        np.testing.assert_allclose(g, g_ref, rtol=0, atol=1e-12)
+        quiet = 0 if fp_on_top or direction == "nearest_change" else 3
+        assert stats[6] == quiet
+    if fp_on_top:
+        assert g[4] < 0  # (nearest change: moving the top FP down gains)

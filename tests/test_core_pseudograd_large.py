@@ -63,7 +63,7 @@ def test_shared_cascades_on_dense_clusters_equal_linear_kernel(seed, nms_iou, ma
             o.gt_difficult)
     p = _ClassProblem(*args, 0.05, nms_iou, match_iou, "area", 1e-3)
     assume(p.npos > 0)  # (all objects difficult: the AP is undefined, nothing runs)
-    stats = np.zeros(6, dtype=np.int64)
+    stats = np.zeros(7, dtype=np.int64)
     ap, g = _solve(p, None, stats)
     aps_l, g_l = linear_multiclass(o.probs[:, :1], o.boxes[:, :1], o.image_ids, o.gt_boxes,
                                    o.gt_labels, o.gt_image_ids, o.gt_difficult,

@@ -221,7 +221,7 @@ def ap_pseudo_gradient(
 
 def _solve(p: _ClassProblem, grad_rows: int | None = None, stats: np.ndarray | None = None,
            gain: np.ndarray | None = None) -> tuple[float, np.ndarray]:
-    """Run the kernel on one checked class; ``stats (6,)`` int64 accumulates the kernel's
+    """Run the kernel on one checked class; ``stats (7,)`` int64 accumulates the kernel's
     counters and ``gain (N,)`` receives the AP gains (see
     :func:`mapdet.core.gradkernel.pseudo_gradient_kernel`)."""
     n = p.scores.size
@@ -235,7 +235,7 @@ def _solve(p: _ClassProblem, grad_rows: int | None = None, stats: np.ndarray | N
     prob = (p.scores, p.boxes, p.dense_img, p.n_img, p.order, p.rank, p.best, p.best_iou,
             p.gt_difficult, p.thetas, p.weights, par)
     if stats is None:
-        stats = np.zeros(6, dtype=np.int64)
+        stats = np.zeros(7, dtype=np.int64)
     if gain is None:
         gain = np.zeros(n, dtype=np.float64)
     f0 = pseudo_gradient_kernel(prob, n if grad_rows is None else min(int(grad_rows), n),

@@ -453,6 +453,42 @@ def _unload(edits, n_keep):
 
 
 @njit(cache=True, nogil=True)
+def _quiet_images(img, n_img, best, best_iou, gt_diff, t_min, cnt, dptr, idet, det_pos,
+                  run_start, run_id):
+    """``quiet (n_img,)``: the images whose windows cannot change the AP, whatever their
+    scores do, under the nearest-improvement rules (and both summed).
+
+    An image is quiet when none of its windows can be a TP (no window's best ground truth is
+    a non-difficult one at ``IoU >= min(thetas)``) and its highest detection's run starts
+    below the base list's last TP at every threshold (``cnt``: :func:`build_base`'s counts).
+    Then every state its windows reach (a window entering above a kept neighbour of its image,
+    or at the bottom; a detection moving down, or removed; and the cascades, all below the
+    entry) differs from the base list only in FPs and ignored windows below the last TP,
+    which no TP's rank or count sees: the AP is ``f(x)``, bit for bit. An FP moving up is the
+    only other move, and it never raises the AP (docs/method.md, section 5)."""
+    last = -1  # the last TP's base position, over the thresholds
+    d_end = cnt.shape[2] - 1
+    for t in range(cnt.shape[0]):
+        m = cnt[t, 0, d_end]
+        if m == 0:
+            continue
+        p = d_end - 1
+        while cnt[t, 0, p] == m:
+            p -= 1
+        last = max(last, p)
+    quiet = np.ones(n_img, dtype=np.bool_)
+    for w in range(img.size):
+        g = best[w]
+        if g >= 0 and not gt_diff[g] and best_iou[w] >= t_min:
+            quiet[img[w]] = False
+    for b in range(n_img):
+        if quiet[b] and dptr[b + 1] > dptr[b]:
+            if run_start[run_id[det_pos[idet[dptr[b]]]]] <= last:
+                quiet[b] = False
+    return quiet
+
+
+@njit(cache=True, nogil=True)
 def pseudo_gradient_kernel(prob, n_grad, grad, gain, stats):
     """Exact pseudo-gradient of AP after NMS for one class; returns ``f(x)``.
 
@@ -461,9 +497,10 @@ def pseudo_gradient_kernel(prob, n_grad, grad, gain, stats):
     of the rule in :data:`mapdet.core.pseudograd.DIRECTIONS`). Fills ``grad[:n_grad]`` and
     ``gain[:n_grad]`` (the AP gained at the nearest improvement, or change, in the direction
     whose slope decides the pseudo-partial; 0 where none does); the windows from ``n_grad``
-    on take part in the AP only. ``stats (6,)`` int64 accumulates
+    on take part in the AP only. ``stats (7,)`` int64 accumulates
     ``[AP queries, scanned walks, direct segment sums, segment queries, cascades run and
-    cascades reused for windows that are not kept]`` (reuse: :func:`_memo_find`)."""
+    cascades reused for windows that are not kept, windows of quiet images]`` (reuse:
+    :func:`_memo_find`; quiet: :func:`_quiet_images`, their pseudo-partials are 0)."""
     (s, boxes, img, n_img, order, rank, best, best_iou, gt_diff, thetas, weights, par) = prob
     tau, nu, mu, tol, rtol = par[0], par[1], par[2], par[3], par[4]
     code = np.int64(par[5])
@@ -534,8 +571,13 @@ def pseudo_gradient_kernel(prob, n_grad, grad, gain, stats):
             np.empty(64, dtype=np.float64), np.zeros(2, dtype=np.int64))
     t_min = thetas.min()
     multi = thetas.size > 1
+    quiet = _quiet_images(img, n_img, best, best_iou, gt_diff, t_min, base[2], dptr, idet,
+                          det_pos, run_start, run_id)
 
     for i in range(n_grad):
+        if quiet[img[i]] and not change:
+            stats[6] += 1
+            continue
         si = s[i]
         g = best[i]
         tp_any = g >= 0 and not gt_diff[g] and best_iou[i] >= t_min
