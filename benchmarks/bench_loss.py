@@ -47,6 +47,7 @@ from mapdet.core.apnms import (  # noqa: E402
     ap_pseudo_gradient,
     ap_pseudo_gradient_multiclass,
 )
+from mapdet.core.gradkernel import N_STATS  # noqa: E402
 from mapdet.core.reference import ap_pseudo_gradient_reference  # noqa: E402
 from mapdet.core.synthetic import DetectorOutputs, proposal_like_outputs  # noqa: E402
 
@@ -146,7 +147,7 @@ def part_scaling(args, rows, result):
         inputs = _one_class(o, 0)
         fwd = _cpu_time(lambda: ap_after_nms(*inputs), args.repeats)  # noqa: B023
         grad = _cpu_time(lambda: ap_pseudo_gradient(*inputs), args.repeats)  # noqa: B023
-        stats = np.zeros(7, dtype=np.int64)
+        stats = np.zeros(N_STATS, dtype=np.int64)
         _solve(_ClassProblem(*inputs, 0.05, 0.3, 0.5, "area", 1e-3), None, stats)
         base = base or grad
         rows.append((f"one class, N = {n:>6,} ({int((inputs[0] > 0.05).sum()):,} candidates)",

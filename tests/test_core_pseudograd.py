@@ -8,6 +8,7 @@ from strategies import detection_instances
 
 from mapdet import ap_pseudo_gradient
 from mapdet.core.apnms import _ClassProblem, _solve, ap_pseudo_gradient_multiclass
+from mapdet.core.gradkernel import N_STATS
 from mapdet.core.reference import ap_pseudo_gradient_reference
 from mapdet.core.synthetic import proposal_like_outputs
 
@@ -168,7 +169,7 @@ def test_recorded_cascade_is_reused_only_when_it_is_provably_the_same(i1_first):
     kw = dict(score_threshold=0.05, nms_iou=0.3, min_step=1e-3)
     p = _ClassProblem(*args, None, kw["score_threshold"], kw["nms_iou"], 0.5, "area",
                       kw["min_step"])
-    stats = np.zeros(7, dtype=np.int64)
+    stats = np.zeros(N_STATS, dtype=np.int64)
     ap, g = _solve(p, None, stats)
     ap_ref, g_ref = ap_pseudo_gradient_reference(*args, **kw)
     assert ap == ap_ref == 0.0
@@ -198,7 +199,7 @@ def test_quiet_image_is_skipped_only_below_the_last_tp(fp_on_top):
     for direction in ("nearest_improvement", "both_summed", "nearest_change"):
         p = _ClassProblem(*args, None, kw["score_threshold"], kw["nms_iou"], 0.5, "area",
                           kw["min_step"], direction=direction)
-        stats = np.zeros(7, dtype=np.int64)
+        stats = np.zeros(N_STATS, dtype=np.int64)
         ap, g = _solve(p, None, stats)
         ap_ref, g_ref = ap_pseudo_gradient_reference(*args, direction=direction, **kw)
         assert ap == pytest.approx(ap_ref)
@@ -207,3 +208,10 @@ def test_quiet_image_is_skipped_only_below_the_last_tp(fp_on_top):
         assert stats[6] == quiet
     if fp_on_top:
         assert g[4] < 0  # (nearest change: moving the top FP down gains)
+
+
+def test_counter_array_of_the_wrong_size_is_refused():
+    # The kernel writes its counters without bounds checks: a short array would corrupt memory.
+    p = _ClassProblem([0.5], [BOX], [0], [BOX], [0], None, 0.05, 0.3, 0.5, "area", 1e-3)
+    with pytest.raises(ValueError, match="stats must be int64 of shape"):
+        _solve(p, None, np.zeros(4, dtype=np.int64))

@@ -9,6 +9,7 @@ from linear_kernel import ap_pseudo_gradient_multiclass as linear_multiclass
 from strategies import detection_instances
 
 from mapdet.core.apnms import _ClassProblem, _solve, ap_pseudo_gradient_multiclass
+from mapdet.core.gradkernel import N_STATS
 from mapdet.core.reference import ap_pseudo_gradient_reference
 from mapdet.core.synthetic import proposal_like_outputs
 
@@ -63,7 +64,7 @@ def test_shared_cascades_on_dense_clusters_equal_linear_kernel(seed, nms_iou, ma
             o.gt_difficult)
     p = _ClassProblem(*args, 0.05, nms_iou, match_iou, "area", 1e-3)
     assume(p.npos > 0)  # (all objects difficult: the AP is undefined, nothing runs)
-    stats = np.zeros(7, dtype=np.int64)
+    stats = np.zeros(N_STATS, dtype=np.int64)
     ap, g = _solve(p, None, stats)
     aps_l, g_l = linear_multiclass(o.probs[:, :1], o.boxes[:, :1], o.image_ids, o.gt_boxes,
                                    o.gt_labels, o.gt_image_ids, o.gt_difficult,

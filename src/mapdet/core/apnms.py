@@ -29,7 +29,7 @@ from mapdet.core.ap import (
 from mapdet.core.boxes import as_boxes, check_boxes, check_finite
 from mapdet.core.editap import ap_of_list
 from mapdet.core.fixed import FixedClass, FixedDetections, join_fixed
-from mapdet.core.gradkernel import base_detections, pseudo_gradient_kernel
+from mapdet.core.gradkernel import N_STATS, base_detections, pseudo_gradient_kernel
 from mapdet.core.nms import detection_order
 from mapdet.core.pseudograd import IMPROVEMENT_TOL, SLOPE_RTOL, check_direction, check_min_step
 
@@ -221,7 +221,7 @@ def ap_pseudo_gradient(
 
 def _solve(p: _ClassProblem, grad_rows: int | None = None, stats: np.ndarray | None = None,
            gain: np.ndarray | None = None) -> tuple[float, np.ndarray]:
-    """Run the kernel on one checked class; ``stats (7,)`` int64 accumulates the kernel's
+    """Run the kernel on one checked class; ``stats (N_STATS,)`` int64 accumulates the kernel's
     counters and ``gain (N,)`` receives the AP gains (see
     :func:`mapdet.core.gradkernel.pseudo_gradient_kernel`)."""
     n = p.scores.size
@@ -235,7 +235,10 @@ def _solve(p: _ClassProblem, grad_rows: int | None = None, stats: np.ndarray | N
     prob = (p.scores, p.boxes, p.dense_img, p.n_img, p.order, p.rank, p.best, p.best_iou,
             p.gt_difficult, p.thetas, p.weights, par)
     if stats is None:
-        stats = np.zeros(7, dtype=np.int64)
+        stats = np.zeros(N_STATS, dtype=np.int64)
+    elif stats.shape != (N_STATS,) or stats.dtype != np.int64:  # the kernel writes unchecked
+        raise ValueError(f"stats must be int64 of shape ({N_STATS},), got {stats.dtype} "
+                         f"{stats.shape}")
     if gain is None:
         gain = np.zeros(n, dtype=np.float64)
     f0 = pseudo_gradient_kernel(prob, n if grad_rows is None else min(int(grad_rows), n),

@@ -45,8 +45,10 @@ from mapdet.core.overlap import (
     reset_after,
 )
 
-__all__ = ["POOL_BYTES", "base_detections", "pseudo_gradient_kernel"]
+__all__ = ["N_STATS", "POOL_BYTES", "base_detections", "pseudo_gradient_kernel"]
 
+#: Length of the kernel's counter array (:func:`pseudo_gradient_kernel`).
+N_STATS = 7
 #: Memory budget of the per-shift segment structures of one class.
 POOL_BYTES = 48 << 20
 
