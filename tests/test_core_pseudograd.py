@@ -182,12 +182,13 @@ def test_recorded_cascade_is_reused_only_when_it_is_provably_the_same(i1_first):
 
 
 @pytest.mark.parametrize("fp_on_top", [False, True])
-def test_quiet_image_is_skipped_only_below_the_last_tp(fp_on_top):
-    # Image 0: a TP (0.9). Image 1 has no object: a kept FP d1 (0.5), a window it suppresses
-    # (0.4) and one below the threshold (0.02). Every state image 1's windows reach differs
-    # only below the last TP, so under the nearest improvement they are skipped ("quiet",
-    # counted in stats[6]) with pseudo-partial 0. With an FP above the TP in image 1 (0.95),
-    # the image is not quiet: that FP gains by moving down.
+def test_windows_that_cannot_change_the_ap_are_skipped(fp_on_top):
+    # Image 0: a TP (0.9), the last TP. Image 1 has no object: a kept FP d1 (0.5), a window it
+    # suppresses (0.4) and one below the threshold (0.02). Every state these reach differs
+    # only below the last TP, so under the nearest improvement they are skipped (counted in
+    # stats[6]) with pseudo-partial 0. With an FP above the TP in image 1 (0.95), that FP
+    # gains by moving down and is not skipped; d1 still is (the other two then provably
+    # release nothing and are skipped before that test).
     obj, far = [0, 0, 10, 10], [50, 50, 60, 60]
     boxes = [obj, far, [51, 50, 61, 60], [50, 51, 60, 61]]
     scores = [0.9, 0.5, 0.4, 0.02]
@@ -204,10 +205,24 @@ def test_quiet_image_is_skipped_only_below_the_last_tp(fp_on_top):
         ap_ref, g_ref = ap_pseudo_gradient_reference(*args, direction=direction, **kw)
         assert ap == pytest.approx(ap_ref)
         np.testing.assert_allclose(g, g_ref, rtol=0, atol=1e-12)
-        quiet = 0 if fp_on_top or direction == "nearest_change" else 3
-        assert stats[6] == quiet
-    if fp_on_top:
-        assert g[4] < 0  # (nearest change: moving the top FP down gains)
+        assert stats[6] == (0 if direction == "nearest_change" else 1 if fp_on_top else 3)
+        if fp_on_top:
+            assert g[4] != 0  # the top FP gains by moving down
+
+
+def test_window_below_the_last_tp_is_not_skipped_when_it_can_release_a_tp():
+    # Image 1 has an object that no detection holds: its only match z (0.3) is suppressed by
+    # an FP h (0.5). The last TP (image 0, 0.9) is above both, but a window i below the
+    # threshold that overlaps h and not z, moved above h, releases z: a new TP.
+    obj0, obj1 = [0, 0, 10, 10], [50, 50, 60, 60]
+    h, z, i = [46, 50, 56, 60], [50, 50, 60, 60], [42, 50, 52, 60]
+    args = (np.array([0.9, 0.5, 0.3, 0.02]), np.array([obj0, h, z, i], dtype=float),
+            [0, 1, 1, 1], [obj0, obj1], [0, 1])
+    kw = dict(score_threshold=0.05, nms_iou=0.3, min_step=1e-3)
+    ap, g = ap_pseudo_gradient(*args, **kw)
+    ap_ref, g_ref = ap_pseudo_gradient_reference(*args, **kw)
+    np.testing.assert_allclose(g, g_ref, rtol=0, atol=1e-12)
+    assert g[3] > 0 and g[1] < 0  # i gains by entering above h; h by dropping below z
 
 
 def test_counter_array_of_the_wrong_size_is_refused():

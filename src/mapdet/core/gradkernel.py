@@ -455,20 +455,22 @@ def _unload(edits, n_keep):
 
 
 @njit(cache=True, nogil=True)
-def _quiet_images(img, n_img, best, best_iou, gt_diff, t_min, cnt, dptr, idet, det_pos,
-                  run_start, run_id):
-    """``quiet (n_img,)``: the images whose windows cannot change the AP, whatever their
-    scores do, under the nearest-improvement rules (and both summed).
+def _below_last_tp(img, n_img, order, best, best_iou, gt_diff, thetas, base, dptr, idet,
+                   det_pos, run_start, run_id):
+    """What decides which windows cannot change the AP (docs/method.md, section 5, "Windows
+    that cannot change the AP"): ``(last, free, quiet)``.
 
-    An image is quiet when none of its windows can be a TP (no window's best ground truth is
-    a non-difficult one at ``IoU >= min(thetas)``) and its highest detection's run starts
-    below the base list's last TP at every threshold (``cnt``: :func:`build_base`'s counts).
-    Then every state its windows reach (a window entering above a kept neighbour of its image,
-    or at the bottom; a detection moving down, or removed; and the cascades, all below the
-    entry) differs from the base list only in FPs and ignored windows below the last TP,
-    which no TP's rank or count sees: the AP is ``f(x)``, bit for bit. An FP moving up is the
-    only other move, and it never raises the AP (docs/method.md, section 5)."""
-    last = -1  # the last TP's base position, over the thresholds
+    ``last``: the base list's last TP position over the thresholds (-1: none). ``free
+    (n_img,)``: the image has a candidate that would be a TP if it entered the list (its
+    best ground truth is non-difficult, matched at some threshold, and has no holder there).
+    A window that is not a TP candidate itself, of an image without such a candidate, whose
+    every reachable state changes the list only after ``last`` (its entry gap, or its base
+    position when kept, is past ``last``), leaves the AP at ``f(x)`` bit for bit: only FPs and
+    ignored windows move, and none is a TP's rank or count. ``quiet (n_img,)``: images none
+    of whose windows can be a TP, whose highest detection's run starts past ``last``: all
+    their windows are such windows."""
+    cnt, holder = base[2], base[4]
+    last = -1
     d_end = cnt.shape[2] - 1
     for t in range(cnt.shape[0]):
         m = cnt[t, 0, d_end]
@@ -478,16 +480,26 @@ def _quiet_images(img, n_img, best, best_iou, gt_diff, t_min, cnt, dptr, idet, d
         while cnt[t, 0, p] == m:
             p -= 1
         last = max(last, p)
+    t_min = thetas.min()
     quiet = np.ones(n_img, dtype=np.bool_)
     for w in range(img.size):
         g = best[w]
         if g >= 0 and not gt_diff[g] and best_iou[w] >= t_min:
             quiet[img[w]] = False
+    free = np.zeros(n_img, dtype=np.bool_)
+    for r in range(order.size):
+        w = order[r]
+        g = best[w]
+        if g < 0 or gt_diff[g]:
+            continue
+        for t in range(thetas.size):
+            if best_iou[w] >= thetas[t] and holder[t, g] < 0:
+                free[img[w]] = True
     for b in range(n_img):
         if quiet[b] and dptr[b + 1] > dptr[b]:
             if run_start[run_id[det_pos[idet[dptr[b]]]]] <= last:
                 quiet[b] = False
-    return quiet
+    return last, free, quiet
 
 
 @njit(cache=True, nogil=True)
@@ -501,8 +513,9 @@ def pseudo_gradient_kernel(prob, n_grad, grad, gain, stats):
     whose slope decides the pseudo-partial; 0 where none does); the windows from ``n_grad``
     on take part in the AP only. ``stats (7,)`` int64 accumulates
     ``[AP queries, scanned walks, direct segment sums, segment queries, cascades run and
-    cascades reused for windows that are not kept, windows of quiet images]`` (reuse:
-    :func:`_memo_find`; quiet: :func:`_quiet_images`, their pseudo-partials are 0)."""
+    cascades reused for windows that are not kept, windows that cannot change the AP]``
+    (reuse: :func:`_memo_find`; the last: :func:`_below_last_tp`, their pseudo-partials are
+    0)."""
     (s, boxes, img, n_img, order, rank, best, best_iou, gt_diff, thetas, weights, par) = prob
     tau, nu, mu, tol, rtol = par[0], par[1], par[2], par[3], par[4]
     code = np.int64(par[5])
@@ -573,8 +586,8 @@ def pseudo_gradient_kernel(prob, n_grad, grad, gain, stats):
             np.empty(64, dtype=np.float64), np.zeros(2, dtype=np.int64))
     t_min = thetas.min()
     multi = thetas.size > 1
-    quiet = _quiet_images(img, n_img, best, best_iou, gt_diff, t_min, base[2], dptr, idet,
-                          det_pos, run_start, run_id)
+    last, free, quiet = _below_last_tp(img, n_img, order, best, best_iou, gt_diff, thetas,
+                                       base, dptr, idet, det_pos, run_start, run_id)
 
     for i in range(n_grad):
         if quiet[img[i]] and not change:
@@ -588,6 +601,9 @@ def pseudo_gradient_kernel(prob, n_grad, grad, gain, stats):
         if kept[i]:
             # ---- i is a detection at base position q0.
             q0 = det_pos[i]
+            if q0 > last and not (tp_any or change or free[img[i]]):
+                stats[6] += 1  # every state it reaches differs only past the last TP
+                continue
             ed[REM, 0] = q0
             removed[q0] = True
             ed[COUNT, 0] = 1
@@ -662,6 +678,16 @@ def pseudo_gradient_kernel(prob, n_grad, grad, gain, stats):
             if n_seeds == 1 and fp_all and not change and _releases_nothing(i, seeds[0], boxes,
                                                                           nu, graph, base_cnt):
                 continue
+            # Entry: just above h's run (or at the bottom, past the threshold).
+            if n_seeds > 0:
+                r_entry = run_id[det_pos[seeds[0]]]
+                q_e = run_start[r_entry]
+            else:
+                r_entry = nr
+                q_e = n_det
+            if q_e > last and not (tp_any or change or free[img[i]]):
+                stats[6] += 1  # every state it reaches differs only past the last TP
+                continue
             b_entry = s[seeds[0]] if n_seeds > 0 else tau
             # S_up's cascade: a recorded one that is provably i's, or run (and recorded).
             src = enc
@@ -689,13 +715,6 @@ def pseudo_gradient_kernel(prob, n_grad, grad, gain, stats):
             if 8 * (n_chg + 3) > scratch.shape[1]:
                 scratch = make_scratch(n_chg + 1)
                 ctx = (base, pool, edits, gt, weights, thetas, scratch)
-            # Entry: just above h's run (or at the bottom, past the threshold).
-            if n_seeds > 0:
-                r_entry = run_id[det_pos[seeds[0]]]
-                q_e = run_start[r_entry]
-            else:
-                r_entry = nr
-                q_e = n_det
             v = memo[2][slot] if slot >= 0 else np.nan
             loaded = np.isnan(v)
             if loaded:
