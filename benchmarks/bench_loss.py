@@ -10,7 +10,7 @@ minimum over ``--repeats`` runs after a warm-up, ``NUMBA_NUM_THREADS=1``, classe
 * ``scaling``: one class, N = 2k / 8k / 32k windows spread over N/50 images (50 windows and
   3 objects each): forward, pseudo-gradient, their ratio, the growth from 2k, and the
   kernel's counters (AP queries, scanned walks, direct segment sums, cascades run and reused,
-  windows of quiet images).
+  windows skipped because they cannot change the AP).
 * ``memory``: ``MAPLoss(memory=20)`` against ``MAPLoss(memory=0)`` on the 2 x 2000 x 20
   minibatch, forward and backward, after 20 other minibatches filled the memory, with
   ``torch.set_num_threads(1)`` (torch's other pool threads spin after each parallel op, and
@@ -156,12 +156,12 @@ def part_scaling(args, rows, result):
                      f"{stats[0]:,} AP queries, {stats[1]} scanned walks, "
                      f"{stats[2]} direct sums of {stats[3]:,} segments, "
                      f"{stats[4]:,} cascades run, {stats[5]:,} reused, "
-                     f"{stats[6]:,} windows of quiet images"))
+                     f"{stats[6]:,} windows that cannot change the AP"))
         result[f"scaling/{n}"] = dict(forward_ms=fwd * 1e3, gradient_ms=grad * 1e3,
                                       queries=int(stats[0]), scanned=int(stats[1]),
                                       direct=int(stats[2]), segments=int(stats[3]),
                                       cascades=int(stats[4]), reused=int(stats[5]),
-                                      quiet=int(stats[6]))
+                                      skipped=int(stats[6]))
 
 
 def part_memory(args, rows, result):
