@@ -36,12 +36,17 @@ lazily (``O(M log M)``) into a fixed pool; a shift outside the pool falls back t
 ``O(r - l)`` sum (exact too; counted in ``meta[2]``).
 
 The obvious version, for tests: :func:`mapdet.core.reference.edited_ap_reference`.
+
+Compile time: private helpers are ``register_jitable`` and every kernel uses
+``error_model="numpy"``, as in :mod:`mapdet.core.overlap` (every divisor here is a rank or a
+count, at least 1).
 """
 
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
+from numba.extending import register_jitable
 
 __all__ = ["COUNT", "INS_GAP", "INS_SEC", "INS_W", "REM", "SHIFT_RANGE", "ap_of_list",
            "build_base", "edited_ap", "make_edits", "make_pool", "make_scratch"]
@@ -54,7 +59,7 @@ _TP, _FP, _IGN = 1, 0, -1
 _INS, _REM, _RTP, _RFP = 0, 1, 2, 3
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def build_base(det, best, best_iou, gt_diff, thetas):
     """Labels and TP ranks of the base list ``det (D,)`` at every threshold ``thetas (T,)``.
 
@@ -67,9 +72,11 @@ def build_base(det, best, best_iou, gt_diff, thetas):
     n_t = thetas.size
     d_n = det.size
     g_n = gt_diff.size
-    lab = np.zeros((n_t, d_n), dtype=np.int8)
-    cnt = np.zeros((n_t, 2, d_n + 1), dtype=np.int64)
-    tp_n = np.zeros((n_t, max(d_n, 1)), dtype=np.int64)
+    # Allocations share the few (shape, dtype) forms used elsewhere: numba compiles
+    # np.zeros / np.full / np.empty once per form (about 0.2 s of a fresh install each).
+    lab = np.empty((n_t, d_n), dtype=np.int8)  # every entry is written below
+    cnt = np.full((n_t, 2, d_n + 1), 0, dtype=np.int64)
+    tp_n = np.full((n_t, max(d_n, 1)), 0, dtype=np.int64)
     holder = np.full((n_t, g_n), -1, dtype=np.int64)
     nxt = np.full((n_t, d_n), -1, dtype=np.int64)
     last = np.empty(g_n, dtype=np.int64)
@@ -105,7 +112,7 @@ def build_base(det, best, best_iou, gt_diff, thetas):
     return (det, lab, cnt, tp_n, holder, nxt)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def make_pool(n_t, m_max, budget_bytes):
     """Storage for the lazily built per-shift segment structures.
 
@@ -129,23 +136,23 @@ def make_pool(n_t, m_max, budget_bytes):
             np.empty((cap, levels, m)), lg, meta)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def make_edits(d_n, cap):
     """Edit-set storage ``(ed (5, cap) int64, removed (D,) bool)``: rows ``REM, INS_W,
     INS_GAP, INS_SEC`` hold the removed base positions and the inserted windows, their gaps
     and tie-break keys; ``ed[COUNT, 0]`` / ``ed[COUNT, 1]`` count removals / insertions;
     ``removed[p]`` marks the removed base positions."""
-    ed = np.zeros((5, max(cap, 2)), dtype=np.int64)
+    ed = np.full((5, max(cap, 2)), 0, dtype=np.int64)  # np.full: a form compiled anyway
     return (ed, np.zeros(max(d_n, 1), dtype=np.bool_))
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def make_scratch(n_edits):
     """Scratch ``(11, 8 * (n_edits + 2))`` int64 for :func:`edited_ap`."""
     return np.empty((11, 8 * (n_edits + 2)), dtype=np.int64)
 
 
-@njit(cache=True, nogil=True)
+@register_jitable(error_model="numpy", no_cfunc_wrapper=True)
 def _build_slot(pool, sl, t, a, b, base, weights):
     """Fill pool slot ``sl`` with the segment structure of threshold ``t``, shift ``(a, b)``."""
     f, st = pool[1], pool[2]
@@ -187,14 +194,14 @@ def _build_slot(pool, sl, t, a, b, base, weights):
         k += 1
 
 
-@njit(cache=True, nogil=True)
+@register_jitable(error_model="numpy", no_cfunc_wrapper=True)
 def _rmax(lev, lg, l, r):
     """max u[l:r] (``l < r``) from the sparse table ``lev``."""
     k = lg[r - l]
     return max(lev[k, l], lev[k, r - (1 << k)])
 
 
-@njit(cache=True, nogil=True)
+@register_jitable(error_model="numpy", no_cfunc_wrapper=True)
 def _segment(pool, base, weights, t, l, r, a, b, c):
     """``(S(l, r, c), new c)`` for base TPs ``[l, r)`` under shift ``(a, b)`` (module doc)."""
     (slot_of, f, st, lg, meta) = pool
@@ -252,7 +259,7 @@ def _segment(pool, base, weights, t, l, r, a, b, c):
     return total, u[z]
 
 
-@njit(cache=True, nogil=True)
+@register_jitable(error_model="numpy", no_cfunc_wrapper=True)
 def _add_unique(arr, n, v):
     for k in range(n):
         if arr[k] == v:
@@ -261,7 +268,7 @@ def _add_unique(arr, n, v):
     return n + 1
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def edited_ap(base, pool, edits, mv_w, mv_gap, gt, weights, thetas, scratch):
     """AP (mean over thresholds) of the base list with the edits, ``O(E log M)`` per threshold.
 
@@ -440,7 +447,7 @@ def edited_ap(base, pool, edits, mv_w, mv_gap, gt, weights, thetas, scratch):
     return total / thetas.size
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def ap_of_list(det, best, best_iou, gt_diff, thetas, weights):
     """AP (mean over thresholds) of the detection list ``det`` in ``O(D)`` per threshold: the
     forward pass, and the obvious version of :func:`edited_ap` with no edits."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit
+from numba.extending import register_jitable
 
 from mapdet.core.editap import (
     COUNT,
@@ -53,7 +54,7 @@ N_STATS = 7
 POOL_BYTES = 48 << 20
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def base_detections(order, img, n_img, boxes, nu, n):
     """The detections (kept candidates, rank order) and the per-image candidate CSR."""
     iptr, icand = group_by(img, order, n_img)
@@ -71,7 +72,7 @@ def base_detections(order, img, n_img, boxes, nu, n):
     return det, kept, iptr, icand
 
 
-@njit(cache=True, nogil=True)
+@register_jitable(error_model="numpy", no_cfunc_wrapper=True)
 def _combine(up, down, rtol, code):
     """:func:`mapdet.core.pseudograd.combine_slopes`, compiled: ``(pseudo-partial, side)``
     with ``side`` +1 / -1 / 0 when the up / down / neither direction's slope decides it.
@@ -92,7 +93,7 @@ def _combine(up, down, rtol, code):
     return 0.0, 0
 
 
-@njit(cache=True, nogil=True)
+@register_jitable(error_model="numpy", no_cfunc_wrapper=True)
 def _holder_run(g, base, removed, run_id, nr):
     """The run of ``g``'s first claimant at the (single) threshold that is not removed;
     ``nr`` (past every run) when there is none."""
@@ -103,7 +104,7 @@ def _holder_run(g, base, removed, run_id, nr):
     return run_id[p] if p >= 0 else nr
 
 
-@njit(cache=True, nogil=True)
+@register_jitable(error_model="numpy", no_cfunc_wrapper=True)
 def _walk(up, i, r_lo, r_hi, monotone, change, rp, f0, tol, mu, s, runs, ctx, stats):
     """Nearest improvement when ``i`` walks over the runs ``r_lo..r_hi`` (up: from ``r_hi``
     towards ``r_lo``, landing at the run's start; down: from ``r_lo`` on, landing just below
@@ -202,7 +203,7 @@ def _walk(up, i, r_lo, r_hi, monotone, change, rp, f0, tol, mu, s, runs, ctx, st
     return 0.0, 0.0
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@register_jitable(error_model="numpy", no_cfunc_wrapper=True)
 def _kept_neighbours(i, boxes, b, dptr, idet, dsoa, nu, seeds, flags):
     """The detections of image ``b`` with ``IoU > nu`` with window ``i``, in rank order,
     into ``seeds``; returns their number. ``dsoa (5, D)``: the detections' x1, y1, x2, y2
@@ -226,7 +227,7 @@ def _kept_neighbours(i, boxes, b, dptr, idet, dsoa, nu, seeds, flags):
     return k
 
 
-@njit(cache=True, nogil=True)
+@register_jitable(error_model="numpy", no_cfunc_wrapper=True)
 def _releases_nothing(i, h, boxes, nu, graph, base_cnt):
     """Whether ``i``, placed above its only kept neighbour ``h``, releases no window: every
     window that ``h`` alone suppresses overlaps ``i`` (so ``i`` suppresses it in turn).
@@ -250,7 +251,7 @@ def _releases_nothing(i, h, boxes, nu, graph, base_cnt):
     return True
 
 
-@njit(cache=True, nogil=True)
+@register_jitable(error_model="numpy", no_cfunc_wrapper=True)
 def _count_below(sorted_arr, v):
     """Number of entries of the ascending ``sorted_arr`` below ``v`` (binary search)."""
     lo = 0
@@ -264,7 +265,7 @@ def _count_below(sorted_arr, v):
     return lo
 
 
-@njit(cache=True, nogil=True)
+@register_jitable(error_model="numpy", no_cfunc_wrapper=True)
 def _load_changes(edits, n_rem0, enc, lo, n_chg, det_pos, det_rank, rank):
     """Append a cascade's changes ``enc[lo:lo + n_chg]`` (a now-kept window ``y`` as ``y``, a
     now-suppressed one as ``-1 - y``) to the edit set: now-suppressed base detections are
@@ -287,7 +288,7 @@ def _load_changes(edits, n_rem0, enc, lo, n_chg, det_pos, det_rank, rank):
     ed[COUNT, 1] = n_ins
 
 
-@njit(cache=True, nogil=True)
+@register_jitable(error_model="numpy", no_cfunc_wrapper=True)
 def _encode_changes(changed, n_chg, chg, enc, lo):
     """Write ``changed[:n_chg]`` into ``enc[lo:]`` as :func:`_load_changes` reads them."""
     for k in range(n_chg):
@@ -308,7 +309,7 @@ _V_NEXT, _V_NC, _V_NT, _V_VAL, _V_LEN = 0, 1, 2, 3, 4
 _V_MAX_TESTS, _V_MAX_PER_GROUP = 1 << 30, 1 << 30
 
 
-@njit(cache=True, nogil=True)
+@register_jitable(error_model="numpy", no_cfunc_wrapper=True)
 def _seed_hash(seeds, n_seeds):
     h = n_seeds
     for k in range(n_seeds):
@@ -316,7 +317,7 @@ def _seed_hash(seeds, n_seeds):
     return h
 
 
-@njit(cache=True, nogil=True)
+@register_jitable(error_model="numpy", no_cfunc_wrapper=True)
 def _memo_group(mb, head, seeds, n_seeds, key):
     """Offset of the group of this seed list (-1: none)."""
     o = head[seeds[0]]
@@ -333,7 +334,7 @@ def _memo_group(mb, head, seeds, n_seeds, key):
     return -1
 
 
-@njit(cache=True, nogil=True)
+@register_jitable(error_model="numpy", no_cfunc_wrapper=True)
 def _memo_find(mb, grp, i, boxes, nu):
     """A recorded cascade that is provably window ``i``'s: the offset of its variant in group
     ``grp`` (moved to the front of the group's list), -1 if none.
@@ -371,7 +372,7 @@ def _memo_find(mb, grp, i, boxes, nu):
     return -1
 
 
-@njit(cache=True, nogil=True)
+@register_jitable(error_model="numpy", no_cfunc_wrapper=True)
 def _memo_reserve(memo, extra):
     """The memo with room for ``extra`` more buffer entries and one more value slot."""
     (mb, head, val, used) = memo
@@ -388,7 +389,7 @@ def _memo_reserve(memo, extra):
     return (mb, head, val, used)
 
 
-@njit(cache=True, nogil=True)
+@register_jitable(error_model="numpy", no_cfunc_wrapper=True)
 def _memo_add(memo, grp, i, seeds, n_seeds, key, cs, n_chg, n_blk, candidate):
     """Record window ``i``'s cascade (just run, in ``cs``) as a variant of group ``grp`` (a new
     group for these seeds when ``grp < 0``); returns the memo (its buffers grow by doubling)
@@ -444,7 +445,7 @@ def _memo_add(memo, grp, i, seeds, n_seeds, key, cs, n_chg, n_blk, candidate):
     return memo, o
 
 
-@njit(cache=True, nogil=True)
+@register_jitable(error_model="numpy", no_cfunc_wrapper=True)
 def _unload(edits, n_keep):
     """Unmark the removals past the first ``n_keep`` and empty the insertions."""
     (ed, removed) = edits
@@ -454,7 +455,7 @@ def _unload(edits, n_keep):
     ed[COUNT, 1] = 0
 
 
-@njit(cache=True, nogil=True)
+@register_jitable(error_model="numpy", no_cfunc_wrapper=True)
 def _below_last_tp(img, n_img, order, best, best_iou, gt_diff, thetas, base, dptr, idet,
                    det_pos, run_start, run_id):
     """What decides which windows cannot change the AP (docs/method.md, section 5, "Windows
@@ -502,7 +503,7 @@ def _below_last_tp(img, n_img, order, best, best_iou, gt_diff, thetas, base, dpt
     return last, free, quiet
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def pseudo_gradient_kernel(prob, n_grad, grad, gain, stats):
     """Exact pseudo-gradient of AP after NMS for one class; returns ``f(x)``.
 
