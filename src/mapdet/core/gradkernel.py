@@ -456,8 +456,8 @@ def _unload(edits, n_keep):
 
 
 @register_jitable(error_model="numpy", no_cfunc_wrapper=True)
-def _below_last_tp(img, n_img, order, best, best_iou, gt_diff, thetas, base, dptr, idet,
-                   det_pos, run_start, run_id):
+def _below_last_tp(img, n_img, order, best, best_iou, gt_diff, thetas, t_min, base, dptr,
+                   idet, det_pos, run_start, run_id):
     """What decides which windows cannot change the AP (docs/method.md, section 5, "Windows
     that cannot change the AP"): ``(last, free, quiet)``.
 
@@ -481,8 +481,8 @@ def _below_last_tp(img, n_img, order, best, best_iou, gt_diff, thetas, base, dpt
         while cnt[t, 0, p] == m:
             p -= 1
         last = max(last, p)
-    t_min = thetas.min()
-    quiet = np.ones(n_img, dtype=np.bool_)
+    quiet = np.zeros(n_img, dtype=np.bool_)  # np.zeros then a loop: a form compiled anyway
+    quiet[:] = True
     for w in range(img.size):
         g = best[w]
         if g >= 0 and not gt_diff[g] and best_iou[w] >= t_min:
@@ -561,7 +561,14 @@ def pseudo_gradient_kernel(prob, n_grad, grad, gain, stats):
     n_runs = runs[0].size  # typed (nr can reach a callee as a literal 0)
 
     base = build_base(det, best, best_iou, gt_diff, thetas)
-    pool = make_pool(thetas.size, max(1, base[2][:, 0, -1].max()), POOL_BYTES)
+    # Loops instead of ndarray.min() / max(): those compile about 1.5 s of a fresh install.
+    m_max = 1
+    for t in range(thetas.size):
+        m_max = max(m_max, base[2][t, 0, n_det])
+    t_min = thetas[0]
+    for t in range(1, thetas.size):
+        t_min = min(t_min, thetas[t])
+    pool = make_pool(thetas.size, m_max, POOL_BYTES)
     gt = (best, best_iou, gt_diff)
     edits = make_edits(n_det, n + 2)
     ed, removed = edits
@@ -585,10 +592,9 @@ def pseudo_gradient_kernel(prob, n_grad, grad, gain, stats):
     # Cascades of windows that are not kept, recorded by highest kept neighbour (_memo_find).
     memo = (np.empty(1024, dtype=np.int64), np.full(n, -1, dtype=np.int64),
             np.empty(64, dtype=np.float64), np.zeros(2, dtype=np.int64))
-    t_min = thetas.min()
     multi = thetas.size > 1
     last, free, quiet = _below_last_tp(img, n_img, order, best, best_iou, gt_diff, thetas,
-                                       base, dptr, idet, det_pos, run_start, run_id)
+                                       t_min, base, dptr, idet, det_pos, run_start, run_id)
 
     for i in range(n_grad):
         if quiet[img[i]] and not change:
