@@ -57,7 +57,8 @@ def edit_instances(draw):
                 weights=ap_weights(int((~gt_diff).sum()), method), budget=budget)
 
 
-def _fast(x, pool=None):
+def _fast(x, pool=None, per_t=None):
+    """``(AP, pool)``; ``per_t`` (if given) receives the per-threshold APs."""
     base = build_base(x["det"], x["best"], x["best_iou"], x["gt_diff"], x["thetas"])
     if pool is None:
         pool = make_pool(x["thetas"].size, max(1, base[2][:, 0, -1].max()), x["budget"])
@@ -69,23 +70,32 @@ def _fast(x, pool=None):
     ed[INS_W, :k], ed[INS_GAP, :k], ed[INS_SEC, :k] = x["ins_w"], x["ins_gap"], x["ins_sec"]
     ed[COUNT, :2] = [x["rem"].size, k]
     gt = (x["best"], x["best_iou"], x["gt_diff"])
+    if per_t is None:
+        per_t = np.empty(x["thetas"].size)
     return edited_ap(base, pool, edits, x["mv"], x["mv_gap"], gt, x["weights"], x["thetas"],
-                     make_scratch(16)), pool
+                     make_scratch(16), per_t), pool
 
 
-def _reference(x):
+def _reference(x, thetas=None):
     inserts = [(g, s, w) for g, s, w in zip(x["ins_gap"], x["ins_sec"], x["ins_w"], strict=True)]
     if x["mv"] >= 0:
         inserts.append((x["mv_gap"], -1, x["mv"]))
     return edited_ap_reference(x["det"], x["rem"], inserts, x["best"], x["best_iou"],
-                               x["gt_diff"], x["thetas"], x["weights"])
+                               x["gt_diff"], x["thetas"] if thetas is None else thetas,
+                               x["weights"])
 
 
 @settings(max_examples=400, deadline=None)
 @given(edit_instances())
 def test_edited_ap_equals_the_list_built_from_scratch(x):
-    fast, pool = _fast(x)
+    per_t = np.full(x["thetas"].size, np.nan)
+    fast, pool = _fast(x, per_t=per_t)
     assert abs(fast - _reference(x)) < 1e-12
+    # Each threshold's AP (what the multi-threshold walk bounds) is that threshold's own AP,
+    # and the value returned is their mean in order.
+    for t, theta in enumerate(x["thetas"]):
+        assert abs(per_t[t] - _reference(x, np.array([theta]))) < 1e-12
+    assert fast == sum(per_t.tolist()) / per_t.size
     # The same pool, reused by a second query, gives the same answer.
     again, _ = _fast(x, pool)
     assert abs(again - fast) < 1e-12

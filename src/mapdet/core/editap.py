@@ -269,7 +269,7 @@ def _add_unique(arr, n, v):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def edited_ap(base, pool, edits, mv_w, mv_gap, gt, weights, thetas, scratch):
+def edited_ap(base, pool, edits, mv_w, mv_gap, gt, weights, thetas, scratch, per_t):
     """AP (mean over thresholds) of the base list with the edits, ``O(E log M)`` per threshold.
 
     Args:
@@ -283,6 +283,8 @@ def edited_ap(base, pool, edits, mv_w, mv_gap, gt, weights, thetas, scratch):
         gt: ``(best, best_iou, gt_diff)``: every window's best ground truth, its IoU, and the
             difficult flags.
         scratch: from :func:`make_scratch` for at least ``E`` edits.
+        per_t: ``(>= T,)`` float64, receives each threshold's AP (``per_t[t]``; their sum in
+            order over ``T`` is the value returned).
     """
     (det, lab, cnt, tp_n, holder, nxt) = base
     (ed, removed) = edits
@@ -443,6 +445,7 @@ def edited_ap(base, pool, edits, mv_w, mv_gap, gt, weights, thetas, scratch):
             else:
                 s_val, c = _segment(pool, base, weights, t, pl[q], pr[q], pa[q], pb[q], c)
                 ap += s_val
+        per_t[t] = ap
         total += ap
     return total / thetas.size
 
