@@ -8,9 +8,10 @@ minimum over ``--repeats`` runs after a warm-up, ``NUMBA_NUM_THREADS=1``, classe
   0.05), and a heavier one with 400-1200 candidates per class (four 5-class draws side by
   side, class-specific boxes); each with one IoU threshold and with the 10 COCO thresholds.
 * ``scaling``: one class, N = 2k / 8k / 32k windows spread over N/50 images (50 windows and
-  3 objects each): forward, pseudo-gradient, their ratio, the growth from 2k, and the
-  kernel's counters (AP queries, scanned walks, direct segment sums, cascades run and reused,
-  windows skipped because they cannot change the AP).
+  3 objects each), at IoU 0.5 and at the 10 COCO thresholds: forward, pseudo-gradient, their
+  ratio, the growth from 2k, and the kernel's counters (AP queries, non-monotone walks,
+  direct segment sums, cascades run and reused, windows skipped because they cannot change
+  the AP).
 * ``memory``: ``MAPLoss(memory=20)`` against ``MAPLoss(memory=0)`` on the 2 x 2000 x 20
   minibatch, forward and backward, after 20 other minibatches filled the memory, with
   ``torch.set_num_threads(1)`` (torch's other pool threads spin after each parallel op, and
@@ -141,27 +142,32 @@ def part_minibatch(args, rows, result):
 
 
 def part_scaling(args, rows, result):
-    base = None
-    for n in (2000, 8000, 32000):
-        o = proposal_like_outputs(n // 50, 50, 1, objects_per_image=(3, 4), seed=7)
-        inputs = _one_class(o, 0)
-        fwd = _cpu_time(lambda: ap_after_nms(*inputs), args.repeats)  # noqa: B023
-        grad = _cpu_time(lambda: ap_pseudo_gradient(*inputs), args.repeats)  # noqa: B023
-        stats = np.zeros(N_STATS, dtype=np.int64)
-        _solve(_ClassProblem(*inputs, 0.05, 0.3, 0.5, "area", 1e-3), None, stats)
-        base = base or grad
-        rows.append((f"one class, N = {n:>6,} ({int((inputs[0] > 0.05).sum()):,} candidates)",
-                     f"forward {fwd * 1e3:6.1f} ms | pseudo-gradient {grad * 1e3:7.1f} ms | "
-                     f"ratio {grad / fwd:4.1f}x | growth {grad / base:5.1f}x | "
-                     f"{stats[0]:,} AP queries, {stats[1]} scanned walks, "
-                     f"{stats[2]} direct sums of {stats[3]:,} segments, "
-                     f"{stats[4]:,} cascades run, {stats[5]:,} reused, "
-                     f"{stats[6]:,} windows that cannot change the AP"))
-        result[f"scaling/{n}"] = dict(forward_ms=fwd * 1e3, gradient_ms=grad * 1e3,
-                                      queries=int(stats[0]), scanned=int(stats[1]),
-                                      direct=int(stats[2]), segments=int(stats[3]),
-                                      cascades=int(stats[4]), reused=int(stats[5]),
-                                      skipped=int(stats[6]))
+    for thr_name, thr in (("IoU 0.5", 0.5), ("COCO 10 thresholds", COCO)):
+        base = None
+        for n in (2000, 8000, 32000):
+            o = proposal_like_outputs(n // 50, 50, 1, objects_per_image=(3, 4), seed=7)
+            inputs = _one_class(o, 0)
+            fwd = _cpu_time(lambda: ap_after_nms(*inputs, match_iou=thr),  # noqa: B023
+                            args.repeats)
+            grad = _cpu_time(lambda: ap_pseudo_gradient(*inputs, match_iou=thr),  # noqa: B023
+                             args.repeats)
+            stats = np.zeros(N_STATS, dtype=np.int64)
+            _solve(_ClassProblem(*inputs, 0.05, 0.3, thr, "area", 1e-3), None, stats)
+            base = base or grad
+            rows.append((f"one class, N = {n:>6,} ({int((inputs[0] > 0.05).sum()):,} "
+                         f"candidates), {thr_name}",
+                         f"forward {fwd * 1e3:6.1f} ms | pseudo-gradient {grad * 1e3:7.1f} ms | "
+                         f"ratio {grad / fwd:4.1f}x | growth {grad / base:5.1f}x | "
+                         f"{stats[0]:,} AP queries, {stats[1]:,} non-monotone walks, "
+                         f"{stats[2]} direct sums of {stats[3]:,} segments, "
+                         f"{stats[4]:,} cascades run, {stats[5]:,} reused, "
+                         f"{stats[6]:,} windows that cannot change the AP"))
+            key = f"scaling/{n}" if thr_name == "IoU 0.5" else f"scaling/{n}/coco"
+            result[key] = dict(forward_ms=fwd * 1e3, gradient_ms=grad * 1e3,
+                               queries=int(stats[0]), non_monotone=int(stats[1]),
+                               direct=int(stats[2]), segments=int(stats[3]),
+                               cascades=int(stats[4]), reused=int(stats[5]),
+                               skipped=int(stats[6]))
 
 
 def part_memory(args, rows, result):

@@ -72,3 +72,23 @@ def test_shared_cascades_on_dense_clusters_equal_linear_kernel(seed, nms_iou, ma
     np.testing.assert_allclose(ap, aps_l[0], rtol=0, atol=1e-12)
     np.testing.assert_allclose(g, g_l[:, 0], rtol=1e-9, atol=1e-9)
     assert stats[5] > 0 and stats[4] > 0  # cascades run and reused
+
+
+def test_several_thresholds_cost_about_the_queries_of_one():
+    # With several IoU thresholds a TP candidate's walk is not monotone; the bounded search
+    # (docs/method.md, section 5, "Several thresholds") skips the blocks of runs that cannot
+    # improve. Trying every run took 4.4x the AP queries of one threshold on this workload
+    # (45,074 against 10,291); the bounded search takes about as many as one threshold. The
+    # gradient itself is checked against the linear kernel above.
+    o = proposal_like_outputs(num_images=40, windows_per_image=50, num_classes=1,
+                              objects_per_image=(3, 4), seed=7)
+    args = (o.probs[:, 0], o.boxes[:, 0], o.image_ids, o.gt_boxes, o.gt_image_ids,
+            o.gt_difficult)
+    queries = {}
+    for name, thr in (("one", 0.5), ("coco", COCO)):
+        stats = np.zeros(N_STATS, dtype=np.int64)
+        _solve(_ClassProblem(*args, 0.05, 0.3, thr, "area", 1e-3), None, stats)
+        queries[name] = stats[0]
+        if name == "coco":
+            assert stats[1] > 500  # the non-monotone walks this is about
+    assert queries["coco"] < 1.5 * queries["one"]

@@ -15,7 +15,9 @@ Within a fixed state, ``f`` as a function of ``i``'s place is, for one IoU thres
 non-increasing then non-decreasing along a walk, so the first improvement is found by binary
 search over the tied-score runs (computed once, on the base list: every position a walk can
 reach is a run boundary of the base list). With several thresholds and ``i`` a TP candidate
-at one of them, the runs are scanned. Every AP is that of the base list with a few edits,
+at one of them, each threshold's AP still falls then rises, so blocks of runs whose bound
+(the per-threshold maxima at their ends) cannot improve are skipped (:func:`_bounded_walk`);
+only ``nearest_change`` then scans the runs. Every AP is that of the base list with a few edits,
 evaluated exactly by :func:`mapdet.core.editap.edited_ap` in ``O(E log M)``.
 """
 
@@ -104,6 +106,105 @@ def _holder_run(g, base, removed, run_id, nr):
     return run_id[p] if p >= 0 else nr
 
 
+# A block of a bounded walk is skipped when its bound is below the improvement threshold by
+# this much: the bound and the APs are sums of the same per-threshold values in the same order,
+# but each threshold's monotonicity holds exactly only in real arithmetic.
+_BOUND_MARGIN = 1e-9
+
+
+@register_jitable(error_model="numpy", no_cfunc_wrapper=True)
+def _probe(up, i, a, b, j, runs, ctx, sl, stats):
+    """AP with ``i`` at the walk's candidate ``j`` (as :func:`_walk` numbers them), its
+    per-threshold APs into row ``sl`` of the walk buffer and the AP into ``vval[sl]``."""
+    (run_start, run_end, run_s) = runs
+    (base, pool, edits, gt, weights, thetas, scratch, wk) = ctx
+    r = b - j if up else a + j
+    gap = run_start[r] if up else run_end[r] + 1
+    v = edited_ap(base, pool, edits, i, gap, gt, weights, thetas, scratch, wk[0][sl])
+    wk[1][sl] = v
+    stats[0] += 1
+    return v
+
+
+@register_jitable(error_model="numpy", no_cfunc_wrapper=True)
+def _block_bound(vbuf, sa, sb, n_t):
+    """Upper bound of the AP on a block of a walk from the per-threshold APs at its two ends
+    (rows ``sa``, ``sb``): ``mean_t max(AP_t(a), AP_t(b))``."""
+    total = 0.0
+    for t in range(n_t):
+        total += max(vbuf[sa, t], vbuf[sb, t])
+    return total / n_t
+
+
+@register_jitable(error_model="numpy", no_cfunc_wrapper=True)
+def _bounded_walk(up, i, a, b, f0, tol, mu, s, runs, ctx, stats):
+    """Nearest improvement of a walk over the runs ``a..b`` whose AP is not monotone: several
+    IoU thresholds, ``i`` a TP candidate at one of them (docs/method.md, section 5, "Several
+    thresholds: a bounded search"). Same result as trying every candidate in order.
+
+    Along a walk in a fixed state each threshold's AP is monotone, or falls and then rises
+    (``i`` an FP, or a TP, at that threshold moving past others; a swap with its ground truth's
+    competing claimant in between), so on a block of candidates it is at most the larger of
+    its values at the block's two ends, and the mean over thresholds at most
+    :func:`_block_bound`. Candidates (``j = 0..cnt-1``, nearest first) are probed at ``j = 0``
+    and then in blocks ``(lo, lo + 1], (lo, lo + 2], (lo, lo + 4], ...``; a block whose bound
+    cannot exceed ``f0 + tol`` is skipped whole, another is bisected, nearer half first, each
+    half skipped by its own bound. The first improving candidate found is the nearest.
+    Returns ``(slope, gain)`` as :func:`_walk`."""
+    (run_start, run_end, run_s) = runs
+    wk = ctx[7]
+    vbuf, vval, stk = wk
+    cnt = b - a + 1
+    if cnt <= 0:
+        return 0.0, 0.0
+    n_t = vbuf.shape[1]
+    target = f0 + tol
+    prune = target - _BOUND_MARGIN
+    found = -1
+    found_sl = -1
+    if _probe(up, i, a, b, 0, runs, ctx, 0, stats) > target:
+        found, found_sl = 0, 0
+    lo = 0
+    slo = 0
+    n_sl = 1
+    step = 1
+    while found < 0 and lo < cnt - 1:
+        hi = min(cnt - 1, lo + step)
+        sh = n_sl
+        n_sl += 1
+        _probe(up, i, a, b, hi, runs, ctx, sh, stats)
+        if _block_bound(vbuf, slo, sh, n_t) > prune:
+            stk[0, 0], stk[1, 0], stk[2, 0], stk[3, 0] = lo, hi, slo, sh
+            top = 1
+            while top > 0:
+                top -= 1
+                x, y, sx, sy = stk[0, top], stk[1, top], stk[2, top], stk[3, top]
+                if y == x + 1:
+                    if vval[sy] > target:
+                        found, found_sl = y, sy
+                        break
+                    continue
+                m = (x + y) >> 1
+                sm = n_sl
+                n_sl += 1
+                _probe(up, i, a, b, m, runs, ctx, sm, stats)
+                if _block_bound(vbuf, sm, sy, n_t) > prune:  # the farther half, popped last
+                    stk[0, top], stk[1, top], stk[2, top], stk[3, top] = m, y, sm, sy
+                    top += 1
+                if _block_bound(vbuf, sx, sm, n_t) > prune:
+                    stk[0, top], stk[1, top], stk[2, top], stk[3, top] = x, m, sx, sm
+                    top += 1
+        lo = hi
+        slo = sh
+        step *= 2
+    if found < 0:
+        return 0.0, 0.0
+    r = b - found if up else a + found
+    delta = run_s[r] - s[i] if up else s[i] - run_s[r]
+    v = vval[found_sl]
+    return (v - f0) / (delta + mu), v - f0
+
+
 @register_jitable(error_model="numpy", no_cfunc_wrapper=True)
 def _walk(up, i, r_lo, r_hi, monotone, change, rp, f0, tol, mu, s, runs, ctx, stats):
     """Nearest improvement when ``i`` walks over the runs ``r_lo..r_hi`` (up: from ``r_hi``
@@ -113,7 +214,8 @@ def _walk(up, i, r_lo, r_hi, monotone, change, rp, f0, tol, mu, s, runs, ctx, st
     Candidates are numbered ``j = 0..cnt-1``, nearest first. Monotone walks ("improves" is
     false then true): probe the farthest (no improvement there: none anywhere), then gallop
     from the nearest (``j = 0, 1, 3, 7, ...``) to the first improving probe and binary search
-    the bracket: ``O(log distance)`` queries. Otherwise every ``j`` is tried in order.
+    the bracket: ``O(log distance)`` queries. Otherwise (several thresholds, ``i`` a TP
+    candidate at one): :func:`_bounded_walk`; with ``change``, every ``j`` in order.
 
     ``change``: the nearest change of either sign (``|v - f0| > tol``) instead. With one
     threshold, ``i``'s label along a walk in a fixed state is that of an FP while its ground
@@ -129,9 +231,11 @@ def _walk(up, i, r_lo, r_hi, monotone, change, rp, f0, tol, mu, s, runs, ctx, st
     Returns ``(slope, gain)``: ``gain`` is the AP gained at the nearest improvement (change)
     and ``slope`` is ``gain / (delta + mu)``; ``(0, 0)`` where there is none."""
     (run_start, run_end, run_s) = runs
-    (base, pool, edits, gt, weights, thetas, scratch) = ctx
+    (base, pool, edits, gt, weights, thetas, scratch, wk) = ctx
     if not monotone:
         stats[1] += 1
+        if not change:
+            return _bounded_walk(up, i, r_lo, r_hi, f0, tol, mu, s, runs, ctx, stats)
     sides = 2 if change and monotone else 1
     for side in range(sides):
         a, b = r_lo, r_hi  # this side's runs
@@ -156,7 +260,7 @@ def _walk(up, i, r_lo, r_hi, monotone, change, rp, f0, tol, mu, s, runs, ctx, st
         while True:
             r = b - j if up else a + j
             gap = run_start[r] if up else run_end[r] + 1
-            v = edited_ap(base, pool, edits, i, gap, gt, weights, thetas, scratch)  # one site
+            v = edited_ap(base, pool, edits, i, gap, gt, weights, thetas, scratch, wk[0][0])
             stats[0] += 1
             better = v > f0 + tol or (change and v < f0 - tol)
             if better:
@@ -580,8 +684,12 @@ def pseudo_gradient_kernel(prob, n_grad, grad, gain, stats):
     go_up = n >= 0
     go_down = not go_up
     scratch = make_scratch(one * 16)
-    ctx = (base, pool, edits, gt, weights, thetas, scratch)
-    f0 = edited_ap(base, pool, edits, none, zero, gt, weights, thetas, scratch)
+    # _bounded_walk's buffers: per-threshold APs and APs of the probed runs (at most one per
+    # run and walk), and its stack of blocks (two per level of bisection).
+    wk = (np.empty((n_runs + 2, thetas.size), dtype=np.float64),
+          np.empty(n_runs + 2, dtype=np.float64), np.empty((4, 160), dtype=np.int64))
+    ctx = (base, pool, edits, gt, weights, thetas, scratch, wk)
+    f0 = edited_ap(base, pool, edits, none, zero, gt, weights, thetas, scratch, wk[0][0])
 
     cs = (np.zeros(n, dtype=np.bool_), np.zeros(n, dtype=np.int8),
           np.empty((5, n + 1), dtype=np.int64))
@@ -641,10 +749,11 @@ def pseudo_gradient_kernel(prob, n_grad, grad, gain, stats):
                     break
             if 8 * (n_chg + 3) > scratch.shape[1]:
                 scratch = make_scratch(n_chg + 1)
-                ctx = (base, pool, edits, gt, weights, thetas, scratch)
+                ctx = (base, pool, edits, gt, weights, thetas, scratch, wk)
             _encode_changes(changed, n_chg, chg, enc, zero)
             _load_changes(edits, one, enc, zero, n_chg, det_pos, det_rank, rank)
-            f_down = edited_ap(base, pool, edits, none, zero, gt, weights, thetas, scratch)
+            f_down = edited_ap(base, pool, edits, none, zero, gt, weights, thetas, scratch,
+                                wk[0][0])
             stats[0] += 1
             _unload(edits, one)
             reset_after(cs, n_push, n_chg)
@@ -721,12 +830,13 @@ def pseudo_gradient_kernel(prob, n_grad, grad, gain, stats):
                     slot = src[o + _V_VAL]  # -1 when not recorded
             if 8 * (n_chg + 3) > scratch.shape[1]:
                 scratch = make_scratch(n_chg + 1)
-                ctx = (base, pool, edits, gt, weights, thetas, scratch)
+                ctx = (base, pool, edits, gt, weights, thetas, scratch, wk)
             v = memo[2][slot] if slot >= 0 else np.nan
             loaded = np.isnan(v)
             if loaded:
                 _load_changes(edits, zero, src, lo, n_chg, det_pos, det_rank, rank)
-                v = edited_ap(base, pool, edits, i, q_e, gt, weights, thetas, scratch)
+                v = edited_ap(base, pool, edits, i, q_e, gt, weights, thetas, scratch,
+                              wk[0][0])
                 stats[0] += 1
                 if slot >= 0:
                     memo[2][slot] = v
