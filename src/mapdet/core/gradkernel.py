@@ -666,7 +666,7 @@ def pseudo_gradient_kernel(prob, n_grad, grad, gain, stats):
 
     base = build_base(det, best, best_iou, gt_diff, thetas)
     # Loops instead of ndarray.min() / max(): those compile about 1.5 s of a fresh install.
-    m_max = 1
+    m_max = np.int64(1)  # typed: a literal 1 would compile make_pool a second time
     for t in range(thetas.size):
         m_max = max(m_max, base[2][t, 0, n_det])
     t_min = thetas[0]
