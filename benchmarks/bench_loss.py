@@ -19,6 +19,8 @@ minimum over ``--repeats`` runs after a warm-up, ``NUMBA_NUM_THREADS=1``, classe
   core). Each step also pays what the memory costs in use: the minibatch entering it.
 * ``testset``: all pseudo-partials of a test set: 5,000 images x 100 windows x 20 classes.
 * ``brute``: fast against the definition (brute force), N = 300, one class; asserted equal.
+* every run: a calibration workload (sorting 2M floats) at the start and the end, since this
+  machine's speed drifts: compare runs through it.
 * ``compile``: numba compile time of a fresh install (an empty ``NUMBA_CACHE_DIR``): the
   first call of the pseudo-gradient, in a fresh process.
 
@@ -259,6 +261,13 @@ def part_compile(args, rows, result):
     result["compile"] = dict(gradient_s=g, forward_s=f)
 
 
+def _calibration_ms() -> float:
+    """CPU time of a fixed workload (sorting 2M floats), minimum of 5, in ms: this machine's
+    speed drifts between runs (a shared virtual machine), so runs are compared through it."""
+    x = np.random.default_rng(0).random(2_000_000)
+    return 1e3 * _cpu_time(lambda: np.sort(x), 5)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
@@ -270,16 +279,20 @@ def main() -> None:
     result: dict = {}
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                f"1 used, load average {os.getloadavg()[0]:.1f} at start")
+    calibration = [_calibration_ms()]
     for part in args.only:
         rows: list = []
         globals()[f"part_{part}"](args, rows, result)
         width = max(len(r[0]) for r in rows)
         print(f"--- {part}")
         print("\n".join(f"{name:<{width}}  {value}" for name, value in rows), flush=True)
+    calibration.append(_calibration_ms())
+    machine += (f"; calibration (np.sort of 2M floats) {calibration[0]:.1f} ms at start, "
+                f"{calibration[1]:.1f} ms at end")
     print(f"machine: {machine}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(dict(result, machine=machine), fh, indent=2)
+            json.dump(dict(result, machine=machine, calibration_ms=calibration), fh, indent=2)
 
 
 if __name__ == "__main__":
