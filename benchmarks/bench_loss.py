@@ -1,7 +1,8 @@
 """Benchmark: the pseudo-gradient of AP after NMS against the forward AP, on one core.
 
 Prints one table per part (``--only`` picks some). CPU time (``time.process_time``), the
-minimum over ``--repeats`` runs after a warm-up, ``NUMBA_NUM_THREADS=1``, classes run inline.
+minimum over ``--repeats`` runs after a warm-up (the two sides of a ratio alternate within
+each round), ``NUMBA_NUM_THREADS=1``, classes run inline.
 
 * ``minibatch``: 2 images x 2000 proposal-like windows x 20 classes
   (``mapdet.core.synthetic.proposal_like_outputs``, about 250 candidates per class above
@@ -69,6 +70,21 @@ def _cpu_time(fn, repeats: int) -> float:
     return best
 
 
+def _cpu_times(fns, repeats: int) -> list[float]:
+    """Minimum CPU time of each of ``fns`` over ``repeats`` rounds, in seconds (after one
+    warm-up each). The functions alternate within every round, so a drift of the machine's
+    speed during the measurement (this one drifts) affects their ratio little."""
+    for fn in fns:
+        fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for k, fn in enumerate(fns):
+            t = time.process_time()
+            fn()
+            best[k] = min(best[k], time.process_time() - t)
+    return best
+
+
 def _one_class(o, c: int):
     sel = o.gt_labels == c
     return (o.probs[:, c], o.boxes[:, c], o.image_ids, o.gt_boxes[sel], o.gt_image_ids[sel],
@@ -118,7 +134,7 @@ def _fwd_grad(o, repeats, match_iou=0.5):
     gradient = lambda: ap_pseudo_gradient_multiclass(  # noqa: E731
         o.probs, o.boxes, o.image_ids, o.gt_boxes, o.gt_labels, o.gt_image_ids,
         o.gt_difficult, match_iou=match_iou, num_threads=1)
-    return _cpu_time(forward, repeats), _cpu_time(gradient, repeats)
+    return tuple(_cpu_times([forward, gradient], repeats))
 
 
 def part_minibatch(args, rows, result):
@@ -149,10 +165,10 @@ def part_scaling(args, rows, result):
         for n in (2000, 8000, 32000):
             o = proposal_like_outputs(n // 50, 50, 1, objects_per_image=(3, 4), seed=7)
             inputs = _one_class(o, 0)
-            fwd = _cpu_time(lambda: ap_after_nms(*inputs, match_iou=thr),  # noqa: B023
-                            args.repeats)
-            grad = _cpu_time(lambda: ap_pseudo_gradient(*inputs, match_iou=thr),  # noqa: B023
-                             args.repeats)
+            fwd, grad = _cpu_times(
+                [lambda: ap_after_nms(*inputs, match_iou=thr),  # noqa: B023
+                 lambda: ap_pseudo_gradient(*inputs, match_iou=thr)],  # noqa: B023
+                args.repeats)
             stats = np.zeros(N_STATS, dtype=np.int64)
             _solve(_ClassProblem(*inputs, 0.05, 0.3, thr, "area", 1e-3), None, stats)
             base = base or grad
@@ -188,23 +204,25 @@ def part_memory(args, rows, result):
                                 difficult=o.gt_difficult[sel]))
         loss(probs, o.boxes, o.image_ids, targets).backward()
 
-    times = {}
+    o = proposal_like_outputs(2, 2000, 20, seed=0)
+    steps, ctx = [], {}
     for memory in (0, 20):
         loss = MAPLoss(memory=memory, num_threads=1)
         for s in range(memory):
             call(loss, proposal_like_outputs(2, 2000, 20, seed=500 + s))
-        o = proposal_like_outputs(2, 2000, 20, seed=0)
         state = list(loss._memory)
 
-        def step(loss=loss, o=o, state=state):
+        def step(loss=loss, state=state):
             loss._memory.clear()
             loss._memory.extend(state)  # the same context at every repeat
             call(loss, o)
 
-        times[memory] = _cpu_time(step, args.repeats)
-        ctx = sum(w.probs.shape[0] for w in state) + o.probs.shape[0]
+        steps.append(step)
+        ctx[memory] = sum(w.probs.shape[0] for w in state) + o.probs.shape[0]
+    times = dict(zip((0, 20), _cpu_times(steps, args.repeats), strict=True))
+    for memory in (0, 20):
         rows.append((f"MAPLoss(memory={memory}), 2 x 2000 x 20, forward + backward",
-                     f"{times[memory] * 1e3:7.1f} ms  ({ctx:,} windows in the AP context)"))
+                     f"{times[memory] * 1e3:7.1f} ms  ({ctx[memory]:,} windows in the AP context)"))
     rows.append(("memory=20 / memory=0", f"{times[20] / times[0]:.2f}x"))
     result["memory"] = dict(memory0_ms=times[0] * 1e3, memory20_ms=times[20] * 1e3)
 
