@@ -67,12 +67,6 @@ class FixedDetections(NamedTuple):
     nu: float
 
 
-def _dense(ids: np.ndarray) -> tuple[np.ndarray, int]:
-    """``ids`` renumbered ``0..B-1`` in increasing order, and ``B``."""
-    uniq, dense = np.unique(ids, return_inverse=True)
-    return dense.astype(np.int64).reshape(-1), int(uniq.size)
-
-
 def fix_detections(scores, boxes, image_ids, gt_boxes, gt_labels, gt_image_ids, gt_difficult,
                    *, score_threshold: float, nms_iou: float) -> FixedDetections:
     """The fixed parts of a minibatch whose windows receive no gradient.
