@@ -49,44 +49,26 @@ class _ClassProblem:
     def __init__(self, scores, boxes, image_ids, gt_boxes, gt_image_ids, gt_difficult,
                  score_threshold, nms_iou, match_iou, ap_method, min_step=None, shared=None,
                  direction="nearest_improvement"):
-        check_ap_method(ap_method)
-        self.direction = check_direction(direction)
-        self.thetas = match_thresholds(match_iou)
-        if min_step is not None:
-            self.mu = check_min_step(min_step)
-        self.tau = _check_number("score_threshold", score_threshold)
-        if np.ndim(nms_iou) != 0:
-            raise ValueError(f"nms_iou must be one number, got {nms_iou!r}")
-        self.nu = float(check_iou_threshold("nms_iou", nms_iou)[0])
-        self.scores = np.asarray(scores, dtype=np.float64)
-        if self.scores.ndim != 1:
-            raise ValueError(f"scores must have shape (N,), got {self.scores.shape}")
-        check_finite("scores", self.scores)
-        n = self.scores.shape[0]
+        cfg = _Settings.check(score_threshold, nms_iou, match_iou, ap_method, min_step,
+                              direction)
+        scores = np.asarray(scores, dtype=np.float64)
+        if scores.ndim != 1:
+            raise ValueError(f"scores must have shape (N,), got {scores.shape}")
+        check_finite("scores", scores)
+        n = scores.shape[0]
         if shared is None:
-            self.boxes = np.ascontiguousarray(as_boxes("boxes", boxes, n))
+            boxes = np.ascontiguousarray(as_boxes("boxes", boxes, n))
             image_ids = as_integers("image_ids", image_ids)
             if image_ids.shape[0] != n:
                 raise ValueError(f"image_ids has {image_ids.shape[0]} entries, scores has {n}")
+            image_ids = image_ids.astype(np.int64)
+            dense_img, n_img = _dense_images(image_ids)
+            groups = None
         else:
-            self.boxes = np.ascontiguousarray(boxes)
+            boxes = np.ascontiguousarray(boxes)
+            image_ids, dense_img, n_img, groups = shared
         gt = GroundTruth(gt_boxes, gt_image_ids, gt_difficult)
-        self.npos = gt.npos
-        self.gt_difficult = gt.difficult
-        self.image_ids = image_ids.astype(np.int64)
-        if self.npos == 0:
-            return  # AP undefined: nothing else is needed
-        self.best, self.best_iou = best_ground_truth(
-            self.boxes, self.image_ids, gt, groups=None if shared is None else shared[3])
-        self.weights = ap_weights(gt.npos, ap_method)
-        self.order = detection_order(self.scores, self.tau)
-        self.rank = np.full(n, -1, dtype=np.int64)
-        self.rank[self.order] = np.arange(self.order.size)
-        if shared is not None:
-            self.dense_img, self.n_img = shared[1], shared[2]
-        else:
-            self.dense_img, self.n_img = _dense_images(self.image_ids)
-
+        self._derive(cfg, scores, boxes, image_ids, dense_img, n_img, gt, groups)
 
     @classmethod
     def assemble(cls, cfg: _Settings, scores: np.ndarray, boxes: np.ndarray,
@@ -98,26 +80,31 @@ class _ClassProblem:
         the class's ground truth. ``fixed``: parts of earlier minibatches appended after
         these windows (:func:`mapdet.core.fixed.join_fixed`); they are never queried."""
         p = cls.__new__(cls)
-        p.direction, p.thetas, p.tau, p.nu = cfg.direction, cfg.thetas, cfg.tau, cfg.nu
-        if cfg.mu is not None:
-            p.mu = cfg.mu
-        p.scores, p.boxes, p.image_ids = scores, boxes, image_ids
-        p.npos = gt.npos + sum(f.npos for f in fixed)
-        p.gt_difficult = gt.difficult
-        if p.npos == 0:
-            return p  # AP undefined: nothing else is needed
-        p.best, p.best_iou = best_ground_truth(boxes, image_ids, gt, groups=groups)
-        p.dense_img, p.n_img = dense_img, n_img
-        if fixed:
-            j = join_fixed(FixedClass(scores, boxes, dense_img, n_img, p.best, p.best_iou,
-                                      gt.difficult, gt.npos), fixed)
-            p.scores, p.boxes, p.dense_img, p.n_img = j.scores, j.boxes, j.img, j.n_img
-            p.best, p.best_iou, p.gt_difficult = j.best, j.best_iou, j.difficult
-        p.weights = ap_weights(p.npos, cfg.ap_method)
-        p.order = detection_order(p.scores, p.tau)
-        p.rank = np.full(p.scores.size, -1, dtype=np.int64)
-        p.rank[p.order] = np.arange(p.order.size)
+        p._derive(cfg, scores, boxes, image_ids, dense_img, n_img, gt, groups, fixed)
         return p
+
+    def _derive(self, cfg: _Settings, scores, boxes, image_ids, dense_img, n_img,
+                gt: GroundTruth, groups, fixed: Sequence[FixedClass] = ()) -> None:
+        """Fill the problem from checked inputs (:meth:`assemble`'s arguments)."""
+        self.direction, self.thetas, self.tau, self.nu = cfg.direction, cfg.thetas, cfg.tau, cfg.nu
+        if cfg.mu is not None:
+            self.mu = cfg.mu
+        self.scores, self.boxes, self.image_ids = scores, boxes, image_ids
+        self.npos = gt.npos + sum(f.npos for f in fixed)
+        self.gt_difficult = gt.difficult
+        if self.npos == 0:
+            return  # AP undefined: nothing else is needed
+        self.best, self.best_iou = best_ground_truth(boxes, image_ids, gt, groups=groups)
+        self.dense_img, self.n_img = dense_img, n_img
+        if fixed:
+            j = join_fixed(FixedClass(scores, boxes, dense_img, n_img, self.best, self.best_iou,
+                                      gt.difficult, gt.npos), fixed)
+            self.scores, self.boxes, self.dense_img, self.n_img = j.scores, j.boxes, j.img, j.n_img
+            self.best, self.best_iou, self.gt_difficult = j.best, j.best_iou, j.difficult
+        self.weights = ap_weights(self.npos, cfg.ap_method)
+        self.order = detection_order(self.scores, self.tau)
+        self.rank = np.full(self.scores.size, -1, dtype=np.int64)
+        self.rank[self.order] = np.arange(self.order.size)
 
 
 class _Settings(NamedTuple):
@@ -133,8 +120,7 @@ class _Settings(NamedTuple):
     @staticmethod
     def check(score_threshold, nms_iou, match_iou, ap_method, min_step,
               direction) -> _Settings:
-        """Check the settings in the order :class:`_ClassProblem` does (the first bad one
-        raises)."""
+        """Check the settings (the first bad one raises, in this order)."""
         check_ap_method(ap_method)
         code = check_direction(direction)
         thetas = match_thresholds(match_iou)
