@@ -258,22 +258,6 @@ def _heap_pop(hk, hv, size):
 
 
 @register_jitable(error_model="numpy", no_cfunc_wrapper=True)
-def _no_kept_above(z, boxes, nu, rank, e_ptr, e_idx, base_cnt, chg, changed, n_changed):
-    """Whether ``z`` has no kept earlier neighbour in the cascade's state so far: its base
-    kept earlier neighbours (the first ``base_cnt[z]`` of its earlier list) all ended
-    suppressed, and no window that became kept above it overlaps it."""
-    lo = e_ptr[z]
-    for e in range(lo, lo + base_cnt[z]):
-        if chg[e_idx[e]] != 2:
-            return False
-    for k in range(n_changed):
-        x = changed[k]
-        if chg[x] == 1 and rank[x] < rank[z] and iou(boxes, x, z) > nu:
-            return False
-    return True
-
-
-@register_jitable(error_model="numpy", no_cfunc_wrapper=True)
 def cascade(seeds, n_seeds, n_events, extra, boxes, nu, rank, graph, base_cnt, base_kept, cs):
     """Re-run NMS decisions event by event after a local change; return the changes.
 
@@ -317,8 +301,19 @@ def cascade(seeds, n_seeds, n_events, extra, boxes, nu, rank, graph, base_cnt, b
         # Kept iff no kept earlier neighbour: those kept in the base state are the first
         # base_cnt[y] of its earlier list; the others can only be kept now if this cascade
         # released them, and those are in ``changed`` (all ranked above y).
-        now_kept = not (extra >= 0 and iou(boxes, extra, y) > nu) and _no_kept_above(
-            y, boxes, nu, rank, e_ptr, e_idx, base_cnt, chg, changed, n_changed)
+        now_kept = not (extra >= 0 and iou(boxes, extra, y) > nu)
+        if now_kept:
+            lo = e_ptr[y]
+            for e in range(lo, lo + base_cnt[y]):
+                if chg[e_idx[e]] != 2:
+                    now_kept = False
+                    break
+        if now_kept:
+            for k in range(n_changed):
+                x = changed[k]
+                if chg[x] == 1 and iou(boxes, x, y) > nu:
+                    now_kept = False
+                    break
         if now_kept == base_kept[y]:
             continue
         chg[y] = 1 if now_kept else 2
@@ -348,10 +343,24 @@ def cascade(seeds, n_seeds, n_events, extra, boxes, nu, rank, graph, base_cnt, b
     # Keep the blocked windows that would have been kept but for ``extra``: their kept
     # earlier neighbours (in the base state) all ended suppressed, and no window that became
     # kept above them overlaps them.
+    # (The same test as for ``y`` above, written out twice on purpose: as one shared helper,
+    # even inlined, the heavier 2 x 2000 x 20 minibatch took 112 ms instead of 87 ms.)
     n_kept_blk = 0
     for k in range(n_blocked):
         z = blocked[k]
-        if _no_kept_above(z, boxes, nu, rank, e_ptr, e_idx, base_cnt, chg, changed, n_changed):
+        lo = e_ptr[z]
+        free = True
+        for e in range(lo, lo + base_cnt[z]):
+            if chg[e_idx[e]] != 2:
+                free = False
+                break
+        if free:
+            for c in range(n_changed):
+                x = changed[c]
+                if chg[x] == 1 and rank[x] < rank[z] and iou(boxes, x, z) > nu:
+                    free = False
+                    break
+        if free:
             blocked[n_kept_blk] = z
             n_kept_blk += 1
     return n_changed, n_pushed, n_kept_blk
