@@ -80,18 +80,30 @@ class Study:
     def evaluate(self, checkpoint: Path) -> dict:
         """Train and test mAP (VOC07 and area) of a checkpoint: the whole test split, and the
         whole train split or its first ``--train-eval-images`` images (a fixed subset)."""
-        key = str(checkpoint)
+        key = f"{checkpoint}|{self.args.train_eval_images}"
+        disk = self.work / "eval_cache.json"  # shared by the study's processes
+        if key not in self._eval_cache and disk.is_file():
+            found = json.loads(disk.read_text()).get(key)
+            if found and found.get("mtime") == Path(checkpoint).stat().st_mtime:
+                self._eval_cache[key] = found["row"]
         if key not in self._eval_cache:
             model, _, _ = model_from_checkpoint(checkpoint, self.cfg.copy())
             row = {}
             for split in ("train", "test"):
+                t0 = time.perf_counter()
                 n = self.args.train_eval_images if split == "train" else 0
                 cfg = apply_overrides(self.cfg, [f"eval.max_images={n}"])
                 rep = evaluate_model(model, cfg, split=split, dataset=self.sets[split],
                                      proposals=self.props[split], progress=False)
                 row[f"{split}_voc07"] = rep.results["voc07"].mAP
                 row[f"{split}_area"] = rep.results["area"].mAP
+                row[f"{split}_eval_seconds"] = time.perf_counter() - t0
             self._eval_cache[key] = row
+            from mapdet.io import atomic_write_text
+
+            cache = json.loads(disk.read_text()) if disk.is_file() else {}
+            cache[key] = {"mtime": Path(checkpoint).stat().st_mtime, "row": row}
+            atomic_write_text(disk, json.dumps(cache) + "\n")
         return dict(self._eval_cache[key])
 
     # -- one stage ---------------------------------------------------------------------------
@@ -307,6 +319,75 @@ def step_ablations(s: Study) -> None:
         s.write("ablations", out)
 
 
+#: The mechanisms' screen (``screen`` step): name -> overrides of one continuation. Every
+#: entry starts from the same base and trains ``--iterations`` iterations; rates are the
+#: stage's (``train.lr`` for softmax, the ranking losses and the mixture, ``loss.lr`` for the
+#: mAP losses).
+def _map(lr, *ov):
+    return ["train.loss=map", f"loss.lr={lr}", "loss.normalization=l1", *ov]
+
+
+SCREEN = {
+    **{f"softmax_lr{lr:g}": ["train.loss=softmax", f"train.lr={lr}"]
+       for lr in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)},
+    **{f"map_lr{lr:g}": _map(lr) for lr in (1e-5, 1e-4)},
+    **{f"map_mu{mu:g}_lr{lr:g}": _map(lr, f"loss.min_step={mu}")
+       for mu in (0.1, 0.3, 1.0) for lr in (1e-4, 1e-3)},
+    **{f"gain_only_lr{lr:g}": _map(lr, "loss.direction=gain_only") for lr in (1e-4, 1e-3)},
+    **{f"nearest_change_lr{lr:g}": _map(lr, "loss.direction=nearest_change")
+       for lr in (1e-4, 1e-3)},
+    **{f"smooth_avg_s{sig:g}_k{k}_lr{lr:g}": _map(lr, "loss.smoothing=average",
+                                                  f"loss.sigma={sig}", f"loss.samples={k}")
+       for sig in (0.01, 0.03) for k in (4,) for lr in (1e-4, 1e-3)},
+    **{f"perturbed_s{sig:g}_k{k}_lr{lr:g}": _map(lr, "loss.smoothing=perturbed",
+                                                 f"loss.sigma={sig}", f"loss.samples={k}")
+       for sig in (0.01, 0.03, 0.1) for k in (8, 32) for lr in (1e-4, 1e-3)},
+    **{f"ap_loss_nms_lr{lr:g}": ["train.loss=ap_loss_nms", f"train.lr={lr}"]
+       for lr in (1e-4, 1e-3, 3e-3)},
+    **{f"ap_loss_lr{lr:g}": ["train.loss=ap_loss", f"train.lr={lr}"]
+       for lr in (1e-4, 1e-3, 3e-3)},
+    **{f"rank_sort_lr{lr:g}": ["train.loss=rank_sort", f"train.lr={lr}"]
+       for lr in (1e-4, 1e-3, 3e-3)},
+    **{f"mixed_w{w:g}": ["train.loss=softmax_map", "train.lr=0.001", f"loss.map_loss_weight={w}"]
+       for w in (0.1, 0.3, 1.0, 3.0)},
+    **{f"map_adam_lr{lr:g}": _map(lr, "train.optimizer=adam") for lr in (1e-5, 1e-4)},
+    **{f"map_adamw_lr{lr:g}": _map(lr, "train.optimizer=adamw") for lr in (1e-5,)},
+    **{f"map_clip_lr{lr:g}": _map(lr, "train.clip_grad_norm=1.0") for lr in (1e-3,)},
+}
+
+
+def _summary(runs: list[dict]) -> dict:
+    out = {}
+    for key in ("train_voc07", "test_voc07", "train_area", "test_area"):
+        v = np.array([r["final"][key] for r in runs])
+        out[key] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else None,
+                    "values": v.tolist()}
+    return out
+
+
+def step_screen(s: Study) -> None:
+    """The :data:`SCREEN` entries named by ``--only`` (all when empty), each on ``--seeds``,
+    into ``<--table>.json``: one object per entry with its runs (curves) and the summary over
+    the seeds run so far. Runs already in the file are kept (an interrupted screen resumes;
+    two processes can share a table)."""
+    path = s.out / f"{s.args.table}.json"
+    unknown = [n for n in s.args.only if n not in SCREEN]
+    if unknown:
+        sys.exit(f"unknown screen entries {unknown}; known: {sorted(SCREEN)}")
+    for name in s.args.only or list(SCREEN):
+        for seed in s.args.seeds:
+            entries = json.loads(path.read_text())["entries"] if path.is_file() else {}
+            key = f"seed{seed}"
+            if key in entries.get(name, {}).get("runs", {}):
+                continue
+            r = s.stage(f"{s.args.table}_{name}_seed{seed}", SCREEN[name], seed=seed)
+            entries = json.loads(path.read_text())["entries"] if path.is_file() else {}
+            e = entries.setdefault(name, {"overrides": SCREEN[name], "runs": {}})
+            e["runs"][key] = r
+            e["summary"] = _summary(list(e["runs"].values()))
+            s.write(s.args.table, {"entries": entries, "protocol": _protocol(s)})
+
+
 def _protocol(s: Study) -> dict:
     return {"base": str(s.base_checkpoint()), "iterations": s.args.iterations,
             "eval_every": s.args.eval_every, "set": s.args.set,
@@ -424,7 +505,7 @@ def plot(out_dir: Path) -> Path:
 
 
 STEPS = {"baseline": step_baseline, "scale": step_scale, "sweep": step_sweep,
-         "controls": step_controls, "ablations": step_ablations}
+         "controls": step_controls, "ablations": step_ablations, "screen": step_screen}
 
 
 def main(argv=None) -> int:
@@ -453,6 +534,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="*", default=[],
                    help="sweep, ablations: run only these (sweep names as in sweep.json; "
                         "ablation names as in ablations.json, first word)")
+    p.add_argument("--table", default="screen",
+                   help="screen: the JSON file's name (without .json) and the runs' prefix")
     p.add_argument("--note", default="", help="machine note stored in the JSON")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

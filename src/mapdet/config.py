@@ -57,6 +57,8 @@ class ConfigError(ValueError):
 #: ``loss.normalization: l1`` the gradient has unit L1 norm, so the rate does not depend on
 #: the softmax stage's choices or on the ties of a minibatch.
 MAP_STAGE_LR = 1e-5
+#: The losses that train at ``loss.lr`` (the mAP stage's rate) instead of ``train.lr``.
+MAP_STAGE_LOSSES = ("map", "ap_loss_nms")
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,9 +175,18 @@ class TrainConfig:
     The learning rate is multiplied by ``lr_gamma`` at every iteration in ``lr_steps``.
     ``clip_grad_norm`` > 0 clips the gradient's global norm (the mAP loss's pseudo-gradients
     can be spiky). ``threads`` > 0 sets torch's intra-op CPU threads.
+
+    More losses (docs/study.md): ``softmax_map`` is the softmax loss plus
+    ``loss.map_loss_weight`` times the mAP loss (both at ``train.lr``); ``ap_loss_nms`` is
+    AP-Loss's ranking-pair update on the detections after the test-time NMS (at ``loss.lr``,
+    as ``map``); ``ap_loss`` (AP-Loss, Chen et al. 2019) and ``rank_sort`` (Rank & Sort
+    Loss, Oksuz et al. 2021) rank every proposal's class scores without NMS (at
+    ``train.lr``). ``optimizer``: ``sgd`` (with ``momentum``), ``adam`` or ``adamw``
+    (betas 0.9, 0.999; ``weight_decay`` as L2 for ``adam``, decoupled for ``adamw``).
     """
 
-    loss: Literal["softmax", "map"] = "softmax"
+    loss: Literal["softmax", "map", "softmax_map", "ap_loss_nms", "ap_loss", "rank_sort"] = (
+        "softmax")
     iterations: int = 40000
     images_per_batch: int = 2
     rois_per_image: int = 64
@@ -192,6 +203,7 @@ class TrainConfig:
     lr_gamma: float = 0.1
     warmup_iterations: int = 0
     clip_grad_norm: float = 0.0
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     init_from: str | None = None
     checkpoint_every: int = 10000
     keep_checkpoints: int = 0
@@ -221,6 +233,13 @@ class LossConfig:
     ``train.lr`` (which stays the softmax stage's); null: :data:`MAP_STAGE_LR`. So
     ``mapdet train CONFIG train.loss=map train.init_from=RUN`` gets the recommended recipe
     even when the config's softmax stage uses a large ``train.lr``.
+
+    ``smoothing`` (:mod:`mapdet.smoothing`): the gradient of ``E_z[AP(s + sigma z)]``, the AP
+    after NMS under Gaussian score noise: ``average`` averages the exact pseudo-gradient over
+    ``samples`` perturbed scores, ``perturbed`` is the perturbed-optimizer estimator over
+    ``samples`` antithetic pairs; the draws are a function of ``train.seed`` and the step.
+    ``ranking_delta``: the step function's width of ``ap_loss`` / ``ap_loss_nms`` (null: 1,
+    AP-Loss's) and ``rank_sort`` (null: 0.5, RS Loss's).
     """
 
     score_threshold: float = 0.05
@@ -238,6 +257,10 @@ class LossConfig:
     num_threads: int = 0
     normalization: Literal["none", "nonzero", "per_class", "l1"] = "l1"
     lr: float | None = None
+    smoothing: Literal["none", "average", "perturbed"] = "none"
+    sigma: float = 0.03
+    samples: int = 8
+    ranking_delta: float | None = None
 
 
 @dataclass
@@ -325,7 +348,7 @@ class Config:
     def stage_lr(self) -> float:
         """The base learning rate of this run: ``train.lr`` for the softmax loss; for the mAP
         loss ``loss.lr``, or :data:`MAP_STAGE_LR` when that is null."""
-        if self.train.loss != "map":
+        if self.train.loss not in MAP_STAGE_LOSSES:
             return self.train.lr
         return MAP_STAGE_LR if self.loss.lr is None else self.loss.lr
 
@@ -344,6 +367,10 @@ class Config:
         _positive("loss.min_step", lo.min_step)
         if lo.lr is not None:
             _positive("loss.lr", lo.lr, allow_zero=True)
+        _positive("loss.sigma", lo.sigma)
+        _positive("loss.samples", lo.samples)
+        if lo.ranking_delta is not None:
+            _positive("loss.ranking_delta", lo.ranking_delta, allow_zero=True)
         for key, val in (("data.num_workers", d.num_workers),
                          ("proposals.max_per_image", p.max_per_image),
                          ("proposals.min_size", p.min_size),

@@ -50,15 +50,28 @@ import numpy as np
 import torch
 from torch import nn
 
-from mapdet.core.ap import check_ap_method, check_iou_threshold, match_thresholds
+from mapdet.core.ap import (
+    GroundTruth,
+    ap_from_labels,
+    best_ground_truth,
+    check_ap_method,
+    check_iou_threshold,
+    label_detections,
+    match_thresholds,
+)
 from mapdet.core.apnms import ap_pseudo_gradient_multiclass
 from mapdet.core.fixed import FixedDetections, fix_detections
+from mapdet.core.nms import greedy_nms
+from mapdet.core.perturbed import perturbed_gradient_multiclass
 from mapdet.core.pseudograd import check_direction, check_min_step
+from mapdet.ranking import ap_loss
 
-__all__ = ["LOSS_FORMS", "MAPLoss", "NORMALIZATIONS", "Windows", "normalization_scale"]
+__all__ = ["LOSS_FORMS", "MAPLoss", "NMSAPLoss", "NORMALIZATIONS", "SMOOTHINGS", "Windows",
+           "normalization_scale"]
 
 LOSS_FORMS = ("one_minus", "neg_log")
 NORMALIZATIONS = ("none", "nonzero", "per_class", "l1")
+SMOOTHINGS = ("none", "average", "perturbed")
 #: ``-log(mAP)`` uses ``max(mAP, NEG_LOG_FLOOR)`` so that a zero mAP gives a finite loss.
 NEG_LOG_FLOOR = 1e-4
 
@@ -240,6 +253,13 @@ class MAPLoss(nn.Module):
         distributed: gather every rank's windows (``torch.distributed`` must be
             initialised); the AP is the global batch's.
         num_threads: threads for the classes (default: all cores).
+        smoothing: ``"none"`` (the exact pseudo-gradient), or the gradient of the smoothed
+            AP ``E_z[AP(s + sigma z)]`` after NMS: ``"average"`` averages the exact
+            pseudo-gradient over ``samples`` perturbed scores ``s + sigma z``;
+            ``"perturbed"`` is the perturbed-optimizer estimator over ``samples`` antithetic
+            pairs (:mod:`mapdet.core.perturbed`). The loss value stays ``1 - mAP`` of the
+            unperturbed scores. Call ``t`` draws from ``numpy.random.default_rng([seed, t])``
+            (the count is in the extra state, so a resumed run draws what it would have).
 
     ``forward(probs (N, K), boxes (N, K, 4) | (N, 4), image_ids (N,), targets)``: ``probs``
     are the softmax probabilities of the K foreground classes (background column removed),
@@ -253,8 +273,17 @@ class MAPLoss(nn.Module):
                  match_iou: float | Sequence[float] = 0.5, ap_method: str = "area",
                  min_step: float = 1e-3, form: str = "one_minus", *, memory: int = 0,
                  distributed: bool = False, num_threads: int | None = None,
-                 normalization: str = "none", direction: str = "nearest_improvement"):
+                 normalization: str = "none", direction: str = "nearest_improvement",
+                 smoothing: str = "none", sigma: float = 0.03, samples: int = 8,
+                 seed: int = 0):
         super().__init__()
+        if smoothing not in SMOOTHINGS:
+            raise ValueError(f"smoothing must be one of {list(SMOOTHINGS)}, got {smoothing!r}")
+        if smoothing != "none" and not (sigma > 0 and int(samples) >= 1):
+            raise ValueError(f"smoothing {smoothing!r} needs sigma > 0 and samples >= 1, got "
+                             f"sigma={sigma!r}, samples={samples!r}")
+        if smoothing != "none" and int(memory):
+            raise ValueError("smoothing and memory cannot be combined")
         check_ap_method(ap_method)
         match_thresholds(match_iou)
         check_iou_threshold("nms_iou", nms_iou)
@@ -278,6 +307,11 @@ class MAPLoss(nn.Module):
         self.memory = int(memory)
         self.distributed = bool(distributed)
         self.num_threads = num_threads
+        self.smoothing = smoothing
+        self.sigma = float(sigma)
+        self.samples = int(samples)
+        self.seed = int(seed)
+        self._calls = 0  # draws of call t: default_rng([seed, t]), so a resume repeats them
         self._memory: deque[Windows] = deque(maxlen=max(self.memory, 1))
         self.last_ap = np.zeros(0)
         self.last_map = float("nan")
@@ -287,7 +321,9 @@ class MAPLoss(nn.Module):
                 f"match_iou={self.match_iou}, ap_method={self.ap_method!r}, "
                 f"min_step={self.min_step}, direction={self.direction!r}, form={self.form!r}, "
                 f"normalization={self.normalization!r}, memory={self.memory}, "
-                f"distributed={self.distributed}")
+                f"distributed={self.distributed}"
+                + (f", smoothing={self.smoothing!r}, sigma={self.sigma}, "
+                   f"samples={self.samples}" if self.smoothing != "none" else ""))
 
     def reset_memory(self) -> None:
         """Forget the stored minibatches."""
@@ -297,13 +333,14 @@ class MAPLoss(nn.Module):
         """The AP memory, so that ``state_dict()`` (and a checkpoint) carries it: a resumed
         run then sees the same AP context as an uninterrupted one. Arrays are stored as
         tensors so that ``torch.load(..., weights_only=True)`` accepts them."""
-        return {"memory": [
+        return {"calls": self._calls, "memory": [
             {f.name: (getattr(w, f.name) if f.name == "num_images"
                       else torch.from_numpy(np.array(getattr(w, f.name))))
              for f in dataclasses.fields(w) if f.name != "fixed"}
             for w in self._memory]}
 
     def set_extra_state(self, state: dict) -> None:
+        self._calls = int(state.get("calls", 0))
         self._memory.clear()
         for w in state.get("memory", []):
             self._memory.append(Windows(**{
@@ -338,13 +375,7 @@ class MAPLoss(nn.Module):
             # The AP context is Windows.concat([local, *self._memory]) with only the current
             # windows queried; the stored ones enter as their fixed parts, in deque order.
             fixed = [self._fixed(w) for w in self._memory]
-        aps, grads = ap_pseudo_gradient_multiclass(
-            local.probs, local.boxes, local.image_ids, local.gt_boxes, local.gt_labels,
-            local.gt_image_ids, local.gt_difficult, score_threshold=self.score_threshold,
-            nms_iou=self.nms_iou, match_iou=self.match_iou, ap_method=self.ap_method,
-            min_step=self.min_step, num_threads=self.num_threads, direction=self.direction,
-            fixed=fixed,
-        )
+        aps, grads = self._ap_and_gradient(local, fixed)
         if self.memory:
             stored = _detached_detections(local, self.score_threshold)
             self._fixed(stored)  # once, as it enters the memory
@@ -372,6 +403,31 @@ class MAPLoss(nn.Module):
         return _MAPFunction.apply(probs, value, grad_probs)
 
 
+    def _ap_and_gradient(self, w: Windows, fixed) -> tuple[np.ndarray, np.ndarray]:
+        """Per-class APs and the gradient rule's ``(N, K)`` gradient of each class's AP."""
+        kw = dict(score_threshold=self.score_threshold, nms_iou=self.nms_iou,
+                  match_iou=self.match_iou, ap_method=self.ap_method)
+        args = (w.boxes, w.image_ids, w.gt_boxes, w.gt_labels, w.gt_image_ids, w.gt_difficult)
+
+        def exact(probs):
+            return ap_pseudo_gradient_multiclass(
+                probs, *args, **kw, min_step=self.min_step, num_threads=self.num_threads,
+                direction=self.direction, fixed=fixed)
+
+        if self.smoothing == "none":
+            return exact(w.probs)
+        rng = np.random.default_rng([self.seed, self._calls])
+        self._calls += 1
+        noise = rng.standard_normal((self.samples, *w.probs.shape))
+        if self.smoothing == "perturbed":
+            return perturbed_gradient_multiclass(w.probs, *args, **kw, noise=noise,
+                                                 sigma=self.sigma)
+        aps = perturbed_gradient_multiclass(w.probs, *args, **kw, noise=noise[:0],
+                                            sigma=self.sigma)[0]
+        grads = sum(exact(w.probs + self.sigma * z)[1] for z in noise) / self.samples
+        return aps, grads
+
+
 def _detached_detections(w: Windows, score_threshold: float) -> Windows:
     """What the memory keeps of a minibatch: windows scoring above the threshold in some
     class (the others can never be detections) and all the ground truth."""
@@ -396,3 +452,68 @@ def _gather_windows(w: Windows) -> tuple[Windows, slice, int]:
     rank = dist.get_rank()
     start = sum(p.probs.shape[0] for p in parts[:rank])
     return Windows.concat(parts), slice(start, start + w.probs.shape[0]), world
+
+
+class NMSAPLoss(nn.Module):
+    """AP-Loss's ranking-pair update on the detection list after the test-time NMS.
+
+    Per class ``c`` with a non-difficult ground truth, the windows' class scores go through
+    the detection function (``prob > score_threshold``, greedy NMS at ``nms_iou``); its
+    detections, labelled TP / FP / ignored at ``match_iou`` as the AP labels them, form the
+    list on which :func:`mapdet.ranking.ap_loss` (Chen et al., CVPR 2019: every mis-ordered
+    TP-FP pair contributes through the step function interpolated over ``delta``) acts on
+    the log-odds ``log p - log(1 - p)`` of the probabilities, which rank as the
+    probabilities do **[our choice]**. The class's loss is AP-Loss times ``|TP| / npos``
+    (its error-driven terms divided by the class's ground-truth count, as the AP's are);
+    the loss is the mean over the classes with a defined AP. Only detections get a gradient,
+    so NMS stays inside the loss: a suppressed window gets none.
+
+    ``forward(probs (N, K), boxes (N, K, 4) | (N, 4), image_ids (N,), targets)`` as
+    :class:`MAPLoss`; ``last_ap``/``last_map`` hold the list's APs after a call.
+    """
+
+    def __init__(self, score_threshold: float = 0.05, nms_iou: float = 0.3,
+                 match_iou: float = 0.5, delta: float = 1.0):
+        super().__init__()
+        check_iou_threshold("nms_iou", nms_iou)
+        if len(match_thresholds(match_iou)) != 1:
+            raise ValueError(f"NMSAPLoss takes one match_iou, got {match_iou!r}")
+        if delta < 0:
+            raise ValueError(f"delta must be >= 0, got {delta!r}")
+        self.score_threshold = float(score_threshold)
+        self.nms_iou = float(nms_iou)
+        self.match_iou = float(match_thresholds(match_iou)[0])
+        self.delta = float(delta)
+        self.last_ap = np.zeros(0)
+        self.last_map = float("nan")
+
+    def forward(self, probs: torch.Tensor, boxes, image_ids, targets) -> torch.Tensor:
+        w = windows_from_tensors(probs, boxes, image_ids, targets)
+        k = w.probs.shape[1]
+        losses, aps = [], np.full(k, np.nan)
+        for c in range(k):
+            g = w.gt_labels == c
+            gt = GroundTruth(w.gt_boxes[g], w.gt_image_ids[g], w.gt_difficult[g])
+            if gt.npos == 0:
+                continue
+            b = w.boxes[:, c] if w.boxes.ndim == 3 else w.boxes
+            keep = greedy_nms(w.probs[:, c], b, w.image_ids, score_threshold=self.score_threshold,
+                              nms_iou=self.nms_iou)
+            best, best_iou = best_ground_truth(b[keep], w.image_ids[keep], gt)
+            labels = label_detections(best, best_iou, gt.difficult, self.match_iou)
+            aps[c] = ap_from_labels(labels, gt.npos)
+            if keep.size == 0:
+                losses.append(probs.sum() * 0.0)
+                continue
+            idx = torch.as_tensor(keep, device=probs.device)
+            p = probs[idx, c].double().clamp(1e-12, 1.0 - 1e-7)
+            x = torch.log(p) - torch.log1p(-p)
+            lab = torch.as_tensor(labels.astype(np.int64), device=probs.device)
+            n_tp = int((labels == 1).sum())
+            losses.append(ap_loss(x, lab, self.delta) * (n_tp / gt.npos))
+        self.last_ap = aps
+        defined = ~np.isnan(aps)
+        self.last_map = float(aps[defined].mean()) if defined.any() else float("nan")
+        if not losses:
+            return probs.sum() * 0.0
+        return (torch.stack(losses).sum() / len(losses)).to(probs.dtype)

@@ -206,18 +206,25 @@ def build_criterion(cfg: Config, *, distributed: bool = False, model=None):
     ``loss.score_threshold``/``nms_iou`` that differ from ``eval``'s are an error naming both.
     The returned loss is the one inside the heads (its AP memory goes into checkpoints).
     """
-    if cfg.train.loss != "map":
+    lc = cfg.loss
+    if cfg.train.loss == "ap_loss_nms":
+        from mapdet.loss import NMSAPLoss
+
+        return NMSAPLoss(score_threshold=lc.score_threshold, nms_iou=lc.nms_iou,
+                         match_iou=lc.match_iou,
+                         delta=1.0 if lc.ranking_delta is None else lc.ranking_delta)
+    if cfg.train.loss not in ("map", "softmax_map"):
         return None
     from mapdet import MAPLoss
 
-    lc = cfg.loss
     if cfg.model.arch == "faster_rcnn":
         return _faster_rcnn_criterion(cfg, distributed, model)
     return MAPLoss(score_threshold=lc.score_threshold, nms_iou=lc.nms_iou,
                    match_iou=lc.match_iou, ap_method=lc.ap_method, min_step=lc.min_step,
                    form=lc.form, memory=lc.memory, distributed=distributed,
                    num_threads=lc.num_threads or None, normalization=lc.normalization,
-                   direction=lc.direction)
+                   direction=lc.direction, smoothing=lc.smoothing, sigma=lc.sigma,
+                   samples=lc.samples, seed=cfg.train.seed)
 
 
 def _faster_rcnn_criterion(cfg: Config, distributed: bool, model):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -27,7 +28,8 @@ from mapdet.models.postprocess import class_specific_boxes
 from mapdet.models.sampling import label_proposals, sample_rois
 from mapdet.row_subset import attach_grad, loss_and_grad, row_dependence, rows_with_grad
 
-__all__ = ["full_path_reason", "map_loss", "softmax_loss", "training_gt"]
+__all__ = ["class_log_odds", "full_path_reason", "map_loss", "ranking_loss", "softmax_loss",
+           "softmax_map_loss", "training_gt"]
 
 
 def training_gt(sample, use_difficult: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,3 +199,105 @@ def full_path_reason(model: torch.nn.Module) -> str | None:
     if not isinstance(model, FastRCNN):
         return f"{type(model).__name__} is not a FastRCNN"
     return row_dependence(model.roi_head, model.cls_score, model.bbox_pred)
+
+
+def softmax_map_loss(
+    model: torch.nn.Module,
+    batch: Batch,
+    cfg: Config,
+    criterion: torch.nn.Module,
+    generators: Sequence[torch.Generator],
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``train.loss: softmax_map``: Fast R-CNN's loss on sampled RoIs (:func:`softmax_loss`)
+    plus ``loss.map_loss_weight`` times the mAP loss over all proposals (:func:`map_loss`,
+    without its box term: the softmax loss has one)."""
+    soft, soft_stats = softmax_loss(model, batch, cfg, generators)
+    from mapdet.config import apply_overrides
+
+    no_box = apply_overrides(cfg, ["loss.box_loss_weight=0", "loss.map_loss_weight=1"])
+    mp, map_stats = map_loss(model, batch, no_box, criterion, generators)
+    loss = soft + cfg.loss.map_loss_weight * mp
+    stats = {**{f"softmax_{k}": v for k, v in soft_stats.items()},
+             "loss_map": map_stats["loss_map"], "mAP": map_stats["mAP"],
+             "grad_rows": map_stats["grad_rows"], "loss": loss.item()}
+    return loss, stats
+
+
+def class_log_odds(logits: torch.Tensor) -> torch.Tensor:
+    """``(N, K)``: ``log p_c - log(1 - p_c)`` of the softmax over ``logits (N, K+1)`` for the
+    foreground classes ``c = 1..K``, computed as ``z_c - logsumexp_{k != c} z_k`` (exact where
+    ``p_c`` rounds to 1). Ranks each class's windows as its probability does."""
+    n, k1 = logits.shape
+    eye = torch.eye(k1, dtype=torch.bool, device=logits.device)[1:]  # (K, K+1)
+    others = logits[:, None, :].masked_fill(eye[None], float("-inf"))
+    return logits[:, 1:] - torch.logsumexp(others, dim=2)
+
+
+def ranking_loss(
+    model: torch.nn.Module, batch: Batch, cfg: Config, generators: Sequence[torch.Generator]
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``train.loss: ap_loss`` (AP-Loss) or ``rank_sort`` (Rank & Sort Loss) over every
+    proposal of the minibatch, without NMS, as the papers rank a one-stage detector's
+    anchors: the ``N x K`` (proposal, class) log-odds (:func:`class_log_odds`) form one list;
+    ``(i, c)`` is positive when proposal ``i``'s best ground truth (IoU >= ``train.fg_iou``)
+    has class ``c``, negative otherwise. RS Loss's sorting targets are the IoUs of the
+    positives' regressed boxes with their ground truth. Smooth-L1 on sampled foreground
+    proposals beside it, as in :func:`map_loss`; for ``rank_sort`` weighted by
+    ``L_RS / L_box`` (RS Loss's self-balance), for ``ap_loss`` by ``loss.box_loss_weight``.
+    """
+    from mapdet.core.boxes import box_iou
+    from mapdet.ranking import AP_LOSS_DELTA, RANK_SORT_DELTA, ap_loss, rank_sort_loss
+
+    lc, t = cfg.loss, cfg.train
+    device = batch.images.device
+    rois = [s.proposals[: lc.max_rois_per_image] if lc.max_rois_per_image > 0 else s.proposals
+            for s in batch.samples]
+    logits, deltas = model(batch.images, [r.to(device) for r in rois])
+    x = class_log_odds(logits)
+    k = x.shape[1]
+    labels, ious, box_sel, box_labels, box_targets = [], [], [], [], []
+    start = 0
+    n_box = max(1, round(t.fg_fraction * t.rois_per_image))
+    for s, r, generator in zip(batch.samples, rois, generators, strict=True):
+        gt_boxes, gt_labels = training_gt(s, cfg.data.use_difficult)
+        lab, reg, matched, _ = label_proposals(r, gt_boxes, gt_labels, fg_iou=t.fg_iou)
+        onehot = torch.zeros((r.shape[0], k), dtype=torch.int64)
+        fg = torch.nonzero(lab > 0).flatten()
+        onehot[fg, lab[fg] - 1] = 1
+        labels.append(onehot)
+        iou = torch.zeros((r.shape[0], k), dtype=torch.float64)
+        if fg.numel():
+            with torch.no_grad():
+                d = deltas[start : start + r.shape[0]].detach().cpu()
+                boxes = class_specific_boxes(d[fg], r[fg], s.size)  # (F, K, 4)
+                own = boxes[torch.arange(fg.numel()), lab[fg] - 1]
+                gt = gt_boxes[matched[fg]]
+                iou[fg, lab[fg] - 1] = torch.as_tensor(np.diagonal(
+                    box_iou(own.double().numpy(), gt.double().numpy())).copy())
+        ious.append(iou)
+        sel = _sample_foreground(lab, n_box, generator)
+        box_sel.append(sel + start)
+        box_labels.append(lab[sel])
+        box_targets.append(reg[sel])
+        start += r.shape[0]
+    flat_x = x.reshape(-1)
+    flat_lab = torch.cat(labels).reshape(-1).to(device)
+    if t.loss == "ap_loss":
+        delta = AP_LOSS_DELTA if lc.ranking_delta is None else lc.ranking_delta
+        loss_rank = ap_loss(flat_x, flat_lab, delta)
+    else:
+        delta = RANK_SORT_DELTA if lc.ranking_delta is None else lc.ranking_delta
+        loss_rank = rank_sort_loss(flat_x, flat_lab, torch.cat(ious).reshape(-1).to(device),
+                                   delta)
+    box_sel_t = torch.cat(box_sel).to(device)
+    loss_box = box_regression_loss(deltas[box_sel_t], torch.cat(box_labels).to(device),
+                                   torch.cat(box_targets).to(device),
+                                   normalizer=t.rois_per_image * len(batch.samples))
+    if t.loss == "rank_sort":
+        weight = loss_rank.detach() / loss_box.detach() if loss_box.item() > 0 else 0.0
+    else:
+        weight = lc.box_loss_weight
+    loss = loss_rank.to(loss_box.dtype) + weight * loss_box
+    stats = {"loss": loss.item(), "loss_rank": loss_rank.item(), "loss_box": loss_box.item(),
+             "positives": float(flat_lab.eq(1).sum().item()), "windows": float(x.shape[0])}
+    return loss, stats

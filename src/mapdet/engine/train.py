@@ -60,7 +60,7 @@ from mapdet.engine.logger import MetricsLogger, add_file_handler
 from mapdet.engine.run_dir import RESUME_FREE_KEYS, RunDirectory, resume_differences
 from mapdet.engine.schedule import DataOrder
 from mapdet.engine.seeding import get_rng_state, seed_everything, set_deterministic, set_rng_state
-from mapdet.engine.steps import map_loss, softmax_loss
+from mapdet.engine.steps import map_loss, ranking_loss, softmax_loss, softmax_map_loss
 from mapdet.progress import progress_bar
 
 __all__ = ["TrainResult", "TrainingDiverged", "build_optimizer", "build_scheduler", "train"]
@@ -89,10 +89,10 @@ class TrainResult:
 # --------------------------------------------------------------------------------------------
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.SGD:
-    """SGD with momentum at :meth:`Config.stage_lr` (``loss.lr`` for the mAP loss). As in
-    Fast R-CNN, biases get ``lr * bias_lr_factor`` and no weight decay; other 1-D parameters
-    (normalisation scales) get no weight decay."""
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """``train.optimizer`` (SGD with momentum, Adam or AdamW) at :meth:`Config.stage_lr`
+    (``loss.lr`` for the mAP loss). As in Fast R-CNN, biases get ``lr * bias_lr_factor`` and
+    no weight decay; other 1-D parameters (normalisation scales) get no weight decay."""
     t = cfg.train
     lr = cfg.stage_lr()
     weights, norms, biases = [], [], []
@@ -110,7 +110,12 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.SGD:
         {"params": norms, "lr": lr, "weight_decay": 0.0},
         {"params": biases, "lr": lr * t.bias_lr_factor, "weight_decay": 0.0},
     ]
-    return torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=t.momentum)
+    groups = [g for g in groups if g["params"]]
+    if t.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.SGD(groups, lr=lr, momentum=t.momentum)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config):
@@ -200,9 +205,10 @@ def _rank_rng_state(state: dict[str, Any], env: DistEnv) -> dict[str, Any]:
 
 def loss_state(criterion) -> dict[str, Any] | None:
     """The extra state of a :class:`mapdet.MAPLoss` (its AP memory, ``loss.memory`` > 0; its
-    arrays are tensors, so checkpoints load with ``weights_only=True``); ``None`` when there
-    is nothing to keep."""
-    if criterion is None or not getattr(criterion, "memory", 0):
+    arrays are tensors, so checkpoints load with ``weights_only=True``; the count of its
+    smoothing draws); ``None`` when there is nothing to keep."""
+    if criterion is None or not (getattr(criterion, "memory", 0)
+                                 or getattr(criterion, "smoothing", "none") != "none"):
         return None
     return criterion.get_extra_state()
 
@@ -350,7 +356,7 @@ def _train(cfg: Config, run_dir: Path, resume_state, callbacks, progress: bool) 
     rank_order = RankOrder(order, env.rank, env.world_size)
     criterion = build_criterion(cfg, distributed=env.distributed, model=model)
     faster = cfg.model.arch == "faster_rcnn"
-    if t.loss == "map":
+    if t.loss in ("map", "softmax_map"):
         lc = cfg.loss
         log.info("mAP stage: lr %g (loss.lr; train.lr %g is the softmax stage's), "
                  "normalization %s, min_step %g, memory %d", cfg.stage_lr(), t.lr,
@@ -395,6 +401,10 @@ def _train(cfg: Config, run_dir: Path, resume_state, callbacks, progress: bool) 
             gens = [_generator(t.seed, it, slot) for slot in rank_order.slots()]
             if faster:  # the model computes its own loss (its RoI heads hold the MAPLoss)
                 loss, stats = faster_rcnn_loss(train_model, batch, gens)
+            elif t.loss in ("ap_loss", "rank_sort"):
+                loss, stats = ranking_loss(train_model, batch, cfg, gens)
+            elif t.loss == "softmax_map":
+                loss, stats = softmax_map_loss(train_model, batch, cfg, criterion, gens)
             elif criterion is None:
                 loss, stats = softmax_loss(train_model, batch, cfg, gens)
             else:
