@@ -77,10 +77,11 @@ class Study:
         return Path(self.args.base) if self.args.base else self.work / "baseline"
 
     # -- evaluation --------------------------------------------------------------------------
-    def evaluate(self, checkpoint: Path) -> dict:
+    def evaluate(self, checkpoint: Path, splits: tuple[str, ...] = ("train", "test")) -> dict:
         """Train and test mAP (VOC07 and area) of a checkpoint: the whole test split, and the
-        whole train split or its first ``--train-eval-images`` images (a fixed subset)."""
-        key = f"{checkpoint}|{self.args.train_eval_images}"
+        whole train split or its first ``--train-eval-images`` images (a fixed subset);
+        ``splits``: only those."""
+        key = f"{checkpoint}|{self.args.train_eval_images}|{','.join(splits)}"
         disk = self.work / "eval_cache.json"  # shared by the study's processes
         if key not in self._eval_cache and disk.is_file():
             found = json.loads(disk.read_text()).get(key)
@@ -89,7 +90,7 @@ class Study:
         if key not in self._eval_cache:
             model, _, _ = model_from_checkpoint(checkpoint, self.cfg.copy())
             row = {}
-            for split in ("train", "test"):
+            for split in splits:
                 t0 = time.perf_counter()
                 n = self.args.train_eval_images if split == "train" else 0
                 cfg = apply_overrides(self.cfg, [f"eval.max_images={n}"])
@@ -127,7 +128,9 @@ class Study:
         seconds = time.perf_counter() - t0
         curve = [{"iteration": 0, **self.evaluate(self.base_checkpoint())}]
         for it, path in ckpt.list_checkpoints(run / "checkpoints"):
-            curve.append({"iteration": it, **self.evaluate(path)})
+            last = it == iterations or not self.args.curve_test_only
+            curve.append({"iteration": it, **self.evaluate(
+                path, ("train", "test") if last else ("test",))})
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         batch_map = [r["mAP"] for r in rows if "mAP" in r and r["mAP"] is not None]
         tail = batch_map[-max(1, len(batch_map) // 4):]
@@ -328,11 +331,14 @@ def _map(lr, *ov):
 
 
 SCREEN = {
+    # the converged baseline: softmax from the baseline, the rate divided by 10 at 3/4
+    **{f"converge_lr{lr:g}": ["train.loss=softmax", f"train.lr={lr}", "train.lr_steps=[4500]"]
+       for lr in (3e-3, 1e-2)},
     **{f"softmax_lr{lr:g}": ["train.loss=softmax", f"train.lr={lr}"]
        for lr in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)},
     **{f"map_lr{lr:g}": _map(lr) for lr in (1e-5, 1e-4)},
     **{f"map_mu{mu:g}_lr{lr:g}": _map(lr, f"loss.min_step={mu}")
-       for mu in (0.1, 0.3, 1.0) for lr in (1e-4, 1e-3)},
+       for mu in (0.1, 0.3, 1.0, 1000.0) for lr in (1e-4, 1e-3)},
     **{f"gain_only_lr{lr:g}": _map(lr, "loss.direction=gain_only") for lr in (1e-4, 1e-3)},
     **{f"nearest_change_lr{lr:g}": _map(lr, "loss.direction=nearest_change")
        for lr in (1e-4, 1e-3)},
@@ -534,6 +540,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="*", default=[],
                    help="sweep, ablations: run only these (sweep names as in sweep.json; "
                         "ablation names as in ablations.json, first word)")
+    p.add_argument("--curve-test-only", action="store_true",
+                   help="evaluate the intermediate checkpoints on the test split only")
     p.add_argument("--table", default="screen",
                    help="screen: the JSON file's name (without .json) and the runs' prefix")
     p.add_argument("--note", default="", help="machine note stored in the JSON")

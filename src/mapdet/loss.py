@@ -64,7 +64,7 @@ from mapdet.core.fixed import FixedDetections, fix_detections
 from mapdet.core.nms import greedy_nms
 from mapdet.core.perturbed import perturbed_gradient_multiclass
 from mapdet.core.pseudograd import check_direction, check_min_step
-from mapdet.ranking import ap_loss
+from mapdet.ranking import PrecomputedGradient, ap_loss
 
 __all__ = ["LOSS_FORMS", "MAPLoss", "NMSAPLoss", "NORMALIZATIONS", "SMOOTHINGS", "Windows",
            "normalization_scale"]
@@ -217,21 +217,6 @@ def normalization_scale(grads: np.ndarray, base: float, normalization: str) -> n
         return np.full((1, k), base / norm if norm > 0 else 0.0)
     raise ValueError(f"normalization must be one of {list(NORMALIZATIONS)}, "
                      f"got {normalization!r}")
-
-
-class _MAPFunction(torch.autograd.Function):
-    """``forward(probs, loss_value, grad_probs) -> loss``; the backward hands autograd the
-    precomputed ``grad_probs`` (the negative scaled pseudo-gradient)."""
-
-    @staticmethod
-    def forward(ctx, probs, loss_value, grad_probs):  # noqa: D102
-        ctx.save_for_backward(grad_probs)
-        return loss_value.clone()
-
-    @staticmethod
-    def backward(ctx, grad_output):  # noqa: D102
-        (grad_probs,) = ctx.saved_tensors
-        return grad_output * grad_probs, None, None
 
 
 class MAPLoss(nn.Module):
@@ -400,7 +385,7 @@ class MAPLoss(nn.Module):
             grads = grads[rank_slices] * world
         grad_probs = torch.as_tensor(-scale * grads, dtype=probs.dtype, device=probs.device)
         value = torch.tensor(loss_value, dtype=probs.dtype, device=probs.device)
-        return _MAPFunction.apply(probs, value, grad_probs)
+        return PrecomputedGradient.apply(probs, value, grad_probs)
 
 
     def _ap_and_gradient(self, w: Windows, fixed) -> tuple[np.ndarray, np.ndarray]:

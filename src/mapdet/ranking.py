@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ap_loss", "ap_loss_reference", "rank_sort_loss", "rank_sort_loss_reference", "step"]
+__all__ = ["PrecomputedGradient", "ap_loss", "ap_loss_reference", "rank_sort_loss",
+           "rank_sort_loss_reference", "step"]
 
 #: Published interpolation widths.
 AP_LOSS_DELTA = 1.0
@@ -116,8 +117,9 @@ def _rank_sort_update(s: torch.Tensor, labels: torch.Tensor, targets: torch.Tens
     return ranking.mean() + sorting.mean(), grad
 
 
-class _ErrorDriven(torch.autograd.Function):
-    """``forward(scores, loss, grad) -> loss``; backward hands ``grad`` (the update) on."""
+class PrecomputedGradient(torch.autograd.Function):
+    """``forward(scores, loss, grad) -> loss``; the backward hands autograd the precomputed
+    ``grad`` (an update rule's, or the mAP loss's scaled pseudo-gradient) for ``scores``."""
 
     @staticmethod
     def forward(ctx, scores, loss, grad):  # noqa: D102
@@ -145,7 +147,7 @@ def ap_loss(scores: torch.Tensor, labels: torch.Tensor,
     _check(scores, labels, delta)
     with torch.no_grad():
         value, grad = _ap_loss_update(scores.detach(), labels, float(delta))
-    return _ErrorDriven.apply(scores, value, grad)
+    return PrecomputedGradient.apply(scores, value, grad)
 
 
 def rank_sort_loss(scores: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor,
@@ -168,7 +170,7 @@ def rank_sort_loss(scores: torch.Tensor, labels: torch.Tensor, targets: torch.Te
                          f"{tuple(targets.shape)}")
     with torch.no_grad():
         value, grad = _rank_sort_update(scores.detach(), labels, targets.detach(), float(delta))
-    return _ErrorDriven.apply(scores, value, grad)
+    return PrecomputedGradient.apply(scores, value, grad)
 
 
 # -- references: the definitions, pair by pair ------------------------------------------------
