@@ -210,7 +210,7 @@ def test_map_stage_recipe_does_not_depend_on_the_softmax_lr(softmax_lr):
 
 
 def test_map_stage_recipe_defaults_are_the_studys():
-    """The recipe docs/method.md and README "Results" justify: l1, lr 1e-5, min_step 1e-3,
+    """The recipe docs/method.md and docs/study.md justify: l1, lr 1e-5, min_step 1e-3,
     memory 0, the nearest improvement, 1 - mAP (a change here must come with a new study)."""
     lc = load_config(CONFIGS / "digits.yaml", ["train.loss=map"]).loss
     assert MAP_STAGE_LR == 1e-5 and lc.lr is None
