@@ -162,3 +162,47 @@ def test_backends_agree_on_no_detections_and_reject_unknown_backend():
     assert fast["AP"] == ref["AP"] == 0.0
     with pytest.raises(ValueError, match="backend must be one of"):
         evaluate_coco(gt, [], backend="detectron")
+
+
+def test_equals_faster_coco_eval_called_directly_and_leaves_inputs_alone(tmp_path):
+    """From files: the numbers of faster-coco-eval's own COCO/loadRes/COCOeval_faster on the
+    same files, pinned; from the caller's objects: the same numbers, and the objects as they
+    were (the backends add keys to each annotation and result dict)."""
+    from faster_coco_eval import COCO, COCOeval_faster
+
+    gt, results = random_coco_case(0)
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "dt.json").write_text(json.dumps(results))
+    coco_gt = COCO(str(tmp_path / "gt.json"))
+    ev = COCOeval_faster(coco_gt, coco_gt.loadRes(str(tmp_path / "dt.json")), "bbox",
+                         print_function=lambda *a: None)
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    direct = [float("nan") if v < 0 else float(v) for v in ev.stats]
+    before = json.dumps([gt, results])
+    for a, b in ((tmp_path / "gt.json", tmp_path / "dt.json"), (gt, results)):
+        stats = evaluate_coco(a, b)
+        for name, want in zip(COCO_STAT_NAMES, direct, strict=True):
+            assert stats[name] == want or (math.isnan(stats[name]) and math.isnan(want)), name
+        assert stats["AP"] == pytest.approx(0.1348843145258196, abs=1e-12)
+    assert json.dumps([gt, results]) == before
+
+
+def test_cycle_collector_state_is_restored():
+    import gc
+
+    gt, results = random_coco_case(1, n_images=5)
+    assert gc.isenabled()
+    evaluate_coco(gt, results)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        evaluate_coco(gt, results)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(ValueError):
+        evaluate_coco(gt, [{"image_id": 99, "category_id": 1, "bbox": [0, 0, 1, 1],
+                            "score": 1.0}])
+    assert gc.isenabled()
