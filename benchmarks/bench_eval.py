@@ -1,6 +1,6 @@
 """Benchmark: VOC and COCO evaluation against their peers, in one run, on one core.
 
-Workload (issue 11): ``--images`` images (5,000; VOC07 test has 4,952), 20 classes, 1-6
+Workload: ``--images`` images (5,000; VOC07 test has 4,952), 20 classes, 1-6
 objects per image with about 10% difficult, and ``--dets`` detections per image (100) spread
 over the classes, most near an object. It is written to a temporary folder as a VOC tree
 (annotation XML, ``ImageSets/Main/test.txt``), devkit result files written by
@@ -29,7 +29,7 @@ row is its entry's least disturbed round (least CPU time):
 The numbers are checked: every class's AP equals the port's to 1e-12, mapdet's COCO
 statistics equal faster-coco-eval's exactly and pycocotools' to 1e-12.
 
-    python benchmarks/bench_eval.py                     # the issue's workload
+    python benchmarks/bench_eval.py                     # the workload of docs/speed.md
     python benchmarks/bench_eval.py --dets 1000         # 1,000 detections per image
     python benchmarks/bench_eval.py --scaling           # mapdet only: n, 4n, 16n images
     python benchmarks/bench_eval.py --in-memory [--per-class]   # in-memory scoring only

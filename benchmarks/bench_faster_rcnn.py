@@ -12,8 +12,8 @@ Two detectors on the digits benchmark (160 px images, 2 images per minibatch, CP
 Each iteration is forward, backward and an SGD step on the same minibatches (cycled), the
 median over ``--repeats`` after a warm-up. The mAP iteration scores every proposal without
 autograd and recomputes with autograd only the rows with a nonzero pseudo-gradient or a box
-target (``mapdet.row_subset``; ``--full-path`` runs the old single forward with autograd over
-every row instead). Where its time goes, against the softmax iteration:
+target (``mapdet.row_subset``; ``--full-path`` runs one forward with autograd over every row
+instead). Where its time goes, against the softmax iteration:
 
 - *head, all rows*: the RoI head's forward over every proposal without autograd (Faster
   R-CNN: RoI pooling + box head + predictor; Fast R-CNN: RoI pooling + FC head + predictor);

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # AP memory ablation on the digits benchmark: mAP fine-tuning of one softmax baseline with
-# loss.memory=0 and loss.memory=20, same learning rate (1e-5, with the unnormalised gradient,
-# as when it was measured) and iterations (150).
+# loss.memory=0 and loss.memory=20, same learning rate (1e-5, with the unnormalised gradient)
+# and iterations (150); docs/scale.md gives the figures.
 # Usage: bash experiments/map_memory.sh [OUT_DIR]     (about 5 minutes on 2 CPU cores)
 set -euo pipefail
 OUT=${1:-runs/map_memory}
-# data.digits.num_train=400: the benchmark as it was when this was measured (now 1200)
+# data.digits.num_train=400: the 400-image benchmark, where docs/scale.md's figures come from
 COMMON=(data.root="$OUT/data" proposals.cache_dir="$OUT/cache" data.digits.num_train=400)
 mapdet train configs/digits.yaml "${COMMON[@]}" train.iterations=1500 "train.lr_steps=[1200]" \
     --out "$OUT/baseline"

@@ -1,4 +1,4 @@
-"""The mAP-stage study on the digits benchmark (issue 8): gradient scale, sweep, equal-budget
+"""The mAP-stage study on the digits benchmark: gradient scale, sweep, equal-budget
 controls, ablations. Every step writes a JSON file into ``--out``; training runs go to
 ``--work`` (checkpoints are large: keep them out of the repository).
 
@@ -17,7 +17,7 @@ Usage (from the repository root; ``PYTHONPATH=src`` or an installed mapdet)::
     python experiments/map_study.py sweep    --work W --out experiments/map_study
     python experiments/map_study.py controls --work W --out experiments/map_study --seeds 0 1 2
     python experiments/map_study.py ablations --work W --out experiments/map_study
-    python experiments/map_study.py report --out experiments/map_study   # README tables
+    python experiments/map_study.py report --out experiments/map_study   # docs/study.md's tables
     python experiments/map_study.py plot   --out experiments/map_study   # sweep_curves.png
 
 ``--base CKPT`` reuses an existing baseline checkpoint instead of ``W/baseline``;
@@ -49,7 +49,7 @@ log = logging.getLogger("map_study")
 
 #: The sweep: (normalization, lr, min_step, memory). ``l1`` (the recipe's normalization) over
 #: a decade and a half of rates below the softmax stage's 1e-3; the unnormalised gradient at
-#: the issue's 1e-5; ``min_step`` 1e-2 and an AP memory of 20 at the middle rate.
+#: 1e-5; ``min_step`` 1e-2 and an AP memory of 20 at the middle rate.
 SWEEP = [
     ("l1", 1e-5, 1e-3, 0), ("l1", 3e-5, 1e-3, 0), ("l1", 1e-4, 1e-3, 0), ("l1", 3e-4, 1e-3, 0),
     ("none", 1e-5, 1e-3, 0), ("l1", 1e-4, 1e-2, 0), ("l1", 1e-4, 1e-3, 20),
@@ -403,7 +403,7 @@ def _protocol(s: Study) -> dict:
 
 
 def report(out_dir: Path) -> str:
-    """The README tables (markdown) from the JSON files in ``out_dir``; mAP in percent."""
+    """docs/study.md's tables (markdown) from the JSON files in ``out_dir``; mAP in percent."""
     def pct(x):
         return "-" if x is None else f"{100 * x:.1f}"
 

@@ -118,7 +118,7 @@ def test_round_trip(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# Issue 9: custom classes, keys written twice, degenerate sizes, thresholds, renamed keys
+# Custom classes, keys written twice, degenerate sizes, thresholds, renamed keys
 # --------------------------------------------------------------------------------------------
 
 

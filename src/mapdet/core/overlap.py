@@ -343,7 +343,7 @@ def cascade(seeds, n_seeds, n_events, extra, boxes, nu, rank, graph, base_cnt, b
     # Keep the blocked windows that would have been kept but for ``extra``: their kept
     # earlier neighbours (in the base state) all ended suppressed, and no window that became
     # kept above them overlaps them.
-    # (The same test as for ``y`` above, written out twice on purpose: as one shared helper,
+    # (The same test as for ``y`` above, written out twice on purpose: as one shared function,
     # even inlined, the heavier 2 x 2000 x 20 minibatch took 112 ms instead of 87 ms.)
     n_kept_blk = 0
     for k in range(n_blocked):
