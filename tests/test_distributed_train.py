@@ -104,20 +104,20 @@ def _diverging_rank(rank: int, world: int, port: int, root: str) -> None:
     """Rank 1's loss turns NaN at the third iteration; rank 0's stays finite."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import mapdet.engine.train as train_mod
+    from mapdet.engine import steps as steps_mod
     from mapdet.engine.train import TrainingDiverged
 
-    real = train_mod.softmax_loss
-    calls = []
+    class Poisoned(steps_mod.SoftmaxStep):
+        calls = 0
 
-    def poisoned(model, batch, cfg, generator):
-        loss, stats = real(model, batch, cfg, generator)
-        calls.append(1)
-        if rank == 1 and len(calls) == 3:
-            loss = loss * float("nan")
-        return loss, stats
+        def __call__(self, model, batch, generators):
+            loss, stats = super().__call__(model, batch, generators)
+            Poisoned.calls += 1
+            if rank == 1 and Poisoned.calls == 3:
+                loss = loss * float("nan")
+            return loss, stats
 
-    train_mod.softmax_loss = poisoned
+    steps_mod.STEPS["softmax"] = Poisoned
     cfg = load_config(CONFIGS / "digits.yaml", _overrides(Path(root), "softmax", 1))
     try:
         train(cfg, out=Path(root) / "ddp_nan", progress=False)

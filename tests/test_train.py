@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import typing
 from pathlib import Path
 
 import pytest
 import torch
 
-from mapdet.config import load_config
+from mapdet.config import ConfigError, TrainConfig, load_config
 from mapdet.engine import checkpoint as ckpt
+from mapdet.engine import steps as steps_mod
 from mapdet.engine import train as train_mod
 from mapdet.engine.evaluate import evaluate_checkpoint
 from mapdet.engine.train import TrainingDiverged, build_scheduler, train
@@ -77,17 +79,17 @@ def test_map_training_from_a_softmax_checkpoint(tmp_path, tiny):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny, monkeypatch):
-    real = train_mod.softmax_loss
+    class Poisoned(steps_mod.SoftmaxStep):
+        calls = 0
 
-    def poisoned(model, batch, cfg, generator):
-        loss, stats = real(model, batch, cfg, generator)
-        if poisoned.calls == 2:  # the third iteration
-            loss = loss * float("nan")
-        poisoned.calls += 1
-        return loss, stats
+        def __call__(self, model, batch, generators):
+            loss, stats = super().__call__(model, batch, generators)
+            if Poisoned.calls == 2:  # the third iteration
+                loss = loss * float("nan")
+            Poisoned.calls += 1
+            return loss, stats
 
-    poisoned.calls = 0
-    monkeypatch.setattr(train_mod, "softmax_loss", poisoned)
+    monkeypatch.setitem(steps_mod.STEPS, "softmax", Poisoned)
     cfg = load_config(CONFIGS / "digits.yaml", tiny)
     with pytest.raises(TrainingDiverged) as e:
         train(cfg, out=tmp_path / "run", progress=False)
@@ -120,3 +122,41 @@ def test_step_schedule_with_warmup(tmp_path):
     # Fast R-CNN: biases at twice the rate, without weight decay.
     bias_group = [g for g in opt.param_groups if any(p is model.bias for p in g["params"])][0]
     assert bias_group["weight_decay"] == 0.0
+
+
+def test_every_train_loss_has_one_registered_step():
+    choices = typing.get_args(typing.get_type_hints(TrainConfig)["loss"])
+    assert set(steps_mod.STEPS) == {*choices, "faster_rcnn"}
+    expected = {"softmax": steps_mod.SoftmaxStep, "map": steps_mod.MAPStep,
+                "ap_loss_nms": steps_mod.MAPStep, "softmax_map": steps_mod.SoftmaxMAPStep,
+                "ap_loss": steps_mod.RankingStep, "rank_sort": steps_mod.RankingStep}
+    criterion = torch.nn.Identity()
+    for loss, cls in expected.items():
+        step = steps_mod.build_step(load_config(None, [f"train.loss={loss}"]), criterion)
+        assert type(step) is cls and loss in cls.names
+    faster = load_config(None, ["model.arch=faster_rcnn", "model.backbone=small"])
+    assert type(steps_mod.build_step(faster)) is steps_mod.FasterRCNNStep
+    with pytest.raises(ValueError, match="MAPStep needs the loss"):
+        steps_mod.build_step(load_config(None, ["train.loss=map"]), None)
+
+
+def test_a_new_loss_is_a_step_class_and_a_registry_name(tmp_path, tiny, monkeypatch):
+    """The loop runs whatever step the registry names, with no change of its own: a step that
+    doubles the softmax loss trains (its logged loss is twice the softmax step's)."""
+
+    class Doubled(steps_mod.SoftmaxStep):
+        def __call__(self, model, batch, generators):
+            loss, stats = super().__call__(model, batch, generators)
+            return 2 * loss, {**stats, "loss": 2 * stats["loss"], "doubled": 1.0}
+
+    overrides = [*tiny, "train.iterations=1", "train.checkpoint_every=0"]
+    plain = train(load_config(CONFIGS / "digits.yaml", overrides), out=tmp_path / "plain",
+                  progress=False)
+    monkeypatch.setitem(steps_mod.STEPS, "softmax", Doubled)
+    doubled = train(load_config(CONFIGS / "digits.yaml", overrides), out=tmp_path / "double",
+                    progress=False)
+    assert doubled.last_stats["doubled"] == 1.0
+    assert doubled.last_stats["loss"] == pytest.approx(2 * plain.last_stats["loss"], rel=1e-6)
+    monkeypatch.delitem(steps_mod.STEPS, "softmax")
+    with pytest.raises(ConfigError, match="no training step is registered as 'softmax'"):
+        steps_mod.build_step(load_config(None, []))

@@ -1,4 +1,27 @@
-"""One training step's loss, for each of the two losses on the same Fast R-CNN model.
+"""One training iteration's loss: a step object per ``train.loss``, one signature for all.
+
+Every step is built once from the configuration (and the criterion of
+:func:`mapdet.engine.builders.build_criterion`) and called by the training loop as
+``step(model, batch, generators) -> (loss, stats)``: the scalar to minimise and a dict of
+floats for the logs (``loss`` among them). ``generators[b]`` draws image ``b``'s samples.
+:func:`build_step` picks the class by name from :data:`STEPS`:
+
+==============  ====================  =====================================================
+name            class                 loss
+==============  ====================  =====================================================
+softmax         :class:`SoftmaxStep`  Fast R-CNN's multi-task loss (:func:`softmax_loss`)
+map             :class:`MAPStep`      mAP loss + smooth-L1 (:func:`map_loss`)
+ap_loss_nms     :class:`MAPStep`      the same step with ``NMSAPLoss`` as its criterion
+softmax_map     :class:`SoftmaxMAPStep`  softmax loss + mAP loss (:func:`softmax_map_loss`)
+ap_loss         :class:`RankingStep`  AP-Loss over every proposal (:func:`ranking_loss`)
+rank_sort       :class:`RankingStep`  Rank & Sort Loss (:func:`ranking_loss`)
+faster_rcnn     :class:`FasterRCNNStep`  ``model.arch: faster_rcnn``: the model's own losses
+==============  ====================  =====================================================
+
+A new loss is a :class:`Step` subclass registered under its name with
+:func:`register_step` (and the name among ``train.loss``'s choices); the loop does not change.
+
+The loss functions behind the steps:
 
 - :func:`softmax_loss`: Fast R-CNN's multi-task loss on sampled RoIs (ground truth added to
   the proposals, ``rois_per_image`` per image, ``fg_fraction`` foreground).
@@ -7,29 +30,34 @@
   to the image) go to :class:`mapdet.MAPLoss`, which runs the test-time post-processing
   (threshold, NMS) and returns ``1 - mAP`` with pseudo-gradients; a smooth-L1 box loss on
   sampled foreground proposals stands beside it.
-
-Both return ``(loss, stats)``: the scalar to minimise and a dict of floats for the logs.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mapdet.config import Config
+from mapdet.config import Config, ConfigError, apply_overrides
 from mapdet.engine.data_loading import Batch
+from mapdet.engine.faster_rcnn import faster_rcnn_loss
 from mapdet.models.fast_rcnn import FastRCNN
 from mapdet.models.losses import box_regression_loss, fast_rcnn_loss
 from mapdet.models.postprocess import class_specific_boxes
 from mapdet.models.sampling import label_proposals, sample_rois
 from mapdet.row_subset import attach_grad, loss_and_grad, row_dependence, rows_with_grad
 
-__all__ = ["class_log_odds", "full_path_reason", "map_loss", "ranking_loss", "softmax_loss",
-           "softmax_map_loss", "training_gt"]
+__all__ = ["STEPS", "FasterRCNNStep", "MAPStep", "RankingStep", "SoftmaxMAPStep", "SoftmaxStep",
+           "Step", "build_step", "class_log_odds", "full_path_reason", "map_loss",
+           "ranking_loss", "register_step", "softmax_loss", "softmax_map_loss", "step_name",
+           "training_gt"]
+
+log = logging.getLogger(__name__)
 
 
 def training_gt(sample, use_difficult: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,10 +239,18 @@ def softmax_map_loss(
     """``train.loss: softmax_map``: Fast R-CNN's loss on sampled RoIs (:func:`softmax_loss`)
     plus ``loss.map_loss_weight`` times the mAP loss over all proposals (:func:`map_loss`,
     without its box term: the softmax loss has one)."""
-    soft, soft_stats = softmax_loss(model, batch, cfg, generators)
-    from mapdet.config import apply_overrides
+    return _softmax_map_loss(model, batch, cfg, _without_box_term(cfg), criterion, generators)
 
-    no_box = apply_overrides(cfg, ["loss.box_loss_weight=0", "loss.map_loss_weight=1"])
+
+def _without_box_term(cfg: Config) -> Config:
+    """``cfg`` with the mAP loss alone (weight 1, no box term): :func:`softmax_map_loss`'s
+    mAP part."""
+    return apply_overrides(cfg, ["loss.box_loss_weight=0", "loss.map_loss_weight=1"])
+
+
+def _softmax_map_loss(model, batch, cfg: Config, no_box: Config, criterion, generators
+                      ) -> tuple[torch.Tensor, dict[str, float]]:
+    soft, soft_stats = softmax_loss(model, batch, cfg, generators)
     mp, map_stats = map_loss(model, batch, no_box, criterion, generators)
     loss = soft + cfg.loss.map_loss_weight * mp
     stats = {**{f"softmax_{k}": v for k, v in soft_stats.items()},
@@ -301,3 +337,142 @@ def ranking_loss(
     stats = {"loss": loss.item(), "loss_rank": loss_rank.item(), "loss_box": loss_box.item(),
              "positives": float(flat_lab.eq(1).sum().item()), "windows": float(x.shape[0])}
     return loss, stats
+
+
+# --------------------------------------------------------------------------------------------
+# Steps: one object per loss, one signature, picked by name
+# --------------------------------------------------------------------------------------------
+
+
+class Step(ABC):
+    """One training iteration's loss, built once: ``step(model, batch, generators)``.
+
+    Args (of the constructor):
+        cfg: the run's configuration.
+        criterion: what :func:`~mapdet.engine.builders.build_criterion` built for it (the
+            :class:`mapdet.MAPLoss`, an ``NMSAPLoss``, or ``None``).
+    """
+
+    #: the ``train.loss`` names this class is registered under (set by :func:`register_step`)
+    names: tuple[str, ...] = ()
+
+    def __init__(self, cfg: Config, criterion: torch.nn.Module | None = None):
+        self.cfg = cfg
+        self.criterion = criterion
+
+    @abstractmethod
+    def __call__(self, model: torch.nn.Module, batch: Batch,
+                 generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss to minimise (a scalar with autograd) and the statistics to log.
+
+        ``model``: the model (possibly in ``DistributedDataParallel``); ``batch``: the
+        minibatch on the model's device; ``generators[b]``: image ``b``'s sampling
+        generator."""
+
+
+#: ``train.loss`` name (or ``faster_rcnn``) -> the :class:`Step` class that trains it
+STEPS: dict[str, type[Step]] = {}
+
+
+def register_step(*names: str) -> Callable[[type[Step]], type[Step]]:
+    """Class decorator: ``@register_step("name")`` makes :func:`build_step` build the class
+    for ``train.loss: name``."""
+
+    def add(cls: type[Step]) -> type[Step]:
+        for name in names:
+            STEPS[name] = cls
+        cls.names = (*cls.names, *names)
+        return cls
+
+    return add
+
+
+def step_name(cfg: Config) -> str:
+    """The registry name of the run's step: ``faster_rcnn`` for ``model.arch: faster_rcnn``
+    (the model computes its own losses, the mAP loss inside its RoI heads), else
+    ``train.loss``."""
+    return "faster_rcnn" if cfg.model.arch == "faster_rcnn" else cfg.train.loss
+
+
+def build_step(cfg: Config, criterion: torch.nn.Module | None = None) -> Step:
+    """The :class:`Step` registered under :func:`step_name`, built from ``cfg`` and
+    ``criterion``."""
+    name = step_name(cfg)
+    if name not in STEPS:
+        raise ConfigError(f"train.loss: no training step is registered as {name!r} "
+                          f"(registered: {', '.join(sorted(STEPS))})")
+    return STEPS[name](cfg, criterion)
+
+
+def _needs_criterion(step: Step) -> torch.nn.Module:
+    if step.criterion is None:
+        raise ValueError(f"{type(step).__name__} needs the loss of build_criterion")
+    return step.criterion
+
+
+@register_step("softmax")
+class SoftmaxStep(Step):
+    """Fast R-CNN's multi-task loss on sampled RoIs (:func:`softmax_loss`)."""
+
+    def __call__(self, model, batch, generators):
+        return softmax_loss(model, batch, self.cfg, generators)
+
+
+@register_step("map", "ap_loss_nms")
+class MAPStep(Step):
+    """The criterion (``MAPLoss``, or ``NMSAPLoss`` for ``ap_loss_nms``) over all proposals
+    plus smooth-L1 on sampled foreground (:func:`map_loss`)."""
+
+    def __init__(self, cfg: Config, criterion: torch.nn.Module | None = None):
+        super().__init__(cfg, criterion)
+        _needs_criterion(self)
+        if cfg.train.loss == "map":
+            _log_map_stage(cfg)
+
+    def __call__(self, model, batch, generators):
+        return map_loss(model, batch, self.cfg, self.criterion, generators)
+
+
+@register_step("softmax_map")
+class SoftmaxMAPStep(Step):
+    """The softmax loss plus ``loss.map_loss_weight`` times the mAP loss
+    (:func:`softmax_map_loss`)."""
+
+    def __init__(self, cfg: Config, criterion: torch.nn.Module | None = None):
+        super().__init__(cfg, criterion)
+        _needs_criterion(self)
+        self.no_box = _without_box_term(cfg)
+        _log_map_stage(cfg)
+
+    def __call__(self, model, batch, generators):
+        return _softmax_map_loss(model, batch, self.cfg, self.no_box, self.criterion, generators)
+
+
+@register_step("ap_loss", "rank_sort")
+class RankingStep(Step):
+    """AP-Loss or Rank & Sort Loss over every (proposal, class) pair, without NMS
+    (:func:`ranking_loss`)."""
+
+    def __call__(self, model, batch, generators):
+        return ranking_loss(model, batch, self.cfg, generators)
+
+
+@register_step("faster_rcnn")
+class FasterRCNNStep(Step):
+    """``model.arch: faster_rcnn``: the sum of torchvision's loss dict (the mAP loss, if
+    any, inside the RoI heads; :func:`mapdet.engine.faster_rcnn.faster_rcnn_loss`)."""
+
+    def __init__(self, cfg: Config, criterion: torch.nn.Module | None = None):
+        super().__init__(cfg, criterion)
+        if cfg.train.loss == "map":
+            _log_map_stage(cfg)
+
+    def __call__(self, model, batch, generators):
+        return faster_rcnn_loss(model, batch, generators)
+
+
+def _log_map_stage(cfg: Config) -> None:
+    lc = cfg.loss
+    log.info("mAP stage: lr %g (loss.lr; train.lr %g is the softmax stage's), "
+             "normalization %s, min_step %g, memory %d", cfg.stage_lr(), cfg.train.lr,
+             lc.normalization, lc.min_step, lc.memory)

@@ -1,8 +1,11 @@
-"""The training loop, for both losses on the same Fast R-CNN model.
+"""The training loop, one for every loss.
 
-:func:`train` runs ``train.iterations`` SGD iterations (momentum, weight decay, step LR) of
-either Fast R-CNN's multi-task loss (``train.loss: softmax``) or the mAP loss
-(``train.loss: map``, :class:`mapdet.MAPLoss` + smooth-L1), see :mod:`mapdet.engine.steps`.
+:func:`train` runs ``train.iterations`` optimizer iterations (``train.optimizer``, weight
+decay, step LR) of the step registered for ``train.loss`` (:mod:`mapdet.engine.steps`:
+Fast R-CNN's multi-task loss, the mAP loss, the ranking losses, torchvision's Faster R-CNN),
+with hooks around each step for logging, checkpoints and callbacks
+(:mod:`mapdet.engine.hooks`). What a checkpoint holds is
+:class:`~mapdet.engine.train_state.TrainState`.
 
 A run directory holds::
 
@@ -47,20 +50,14 @@ from mapdet.engine.builders import (
     set_threads,
 )
 from mapdet.engine.data_loading import make_train_loader
-from mapdet.engine.distributed import (
-    DistEnv,
-    RankOrder,
-    all_ranks,
-    barrier,
-    gather_dicts,
-    init_distributed,
-)
-from mapdet.engine.faster_rcnn import faster_rcnn_loss
+from mapdet.engine.distributed import DistEnv, RankOrder, all_ranks, init_distributed
+from mapdet.engine.hooks import CallbackHook, CheckpointHook, Hook, LogHook
 from mapdet.engine.logger import MetricsLogger, add_file_handler
 from mapdet.engine.run_dir import RESUME_FREE_KEYS, RunDirectory, resume_differences
 from mapdet.engine.schedule import DataOrder
-from mapdet.engine.seeding import get_rng_state, seed_everything, set_deterministic, set_rng_state
-from mapdet.engine.steps import map_loss, ranking_loss, softmax_loss, softmax_map_loss
+from mapdet.engine.seeding import seed_everything, set_deterministic
+from mapdet.engine.steps import Step, build_step
+from mapdet.engine.train_state import Checkpointer, TrainState
 from mapdet.progress import progress_bar
 
 __all__ = ["TrainResult", "TrainingDiverged", "build_optimizer", "build_scheduler", "train"]
@@ -167,58 +164,6 @@ def _resumed_config(cfg: Config, saved: Config, checkpoint: str | Path) -> Confi
     return config_from_dict(out)
 
 
-def _state(model, optimizer, scheduler, cfg: Config, iteration: int, order: DataOrder,
-           class_names, stats: dict[str, float], criterion=None,
-           rng_per_rank: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    state = {
-        "iteration": iteration,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "config": cfg.to_dict(),
-        "rng": get_rng_state(),
-        "data_position": order.position(iteration),
-        "num_classes": len(class_names),
-        "class_names": list(class_names),
-        "metrics": {k: float(v) for k, v in stats.items() if isinstance(v, (int, float))},
-    }
-    if rng_per_rank is not None:
-        state["rng_per_rank"] = rng_per_rank
-    memory = loss_state(criterion)
-    if memory is not None:
-        state["loss_memory"] = memory
-    return state
-
-
-def _rank_rng_state(state: dict[str, Any], env: DistEnv) -> dict[str, Any]:
-    """The generator state this rank resumes from: its own under DDP when the checkpoint was
-    written by as many ranks (each rank's dropout draws differ), else the saved ``rng``."""
-    per_rank = state.get("rng_per_rank")
-    if per_rank is not None and len(per_rank) == env.world_size:
-        return per_rank[env.rank]
-    if env.distributed or per_rank is not None:
-        log.warning("the checkpoint holds the random state of %s rank(s), this job has %d: "
-                    "every rank resumes from rank 0's (dropout masks will differ from an "
-                    "uninterrupted run)", len(per_rank) if per_rank else 1, env.world_size)
-    return state["rng"]
-
-
-def loss_state(criterion) -> dict[str, Any] | None:
-    """The extra state of a :class:`mapdet.MAPLoss` (its AP memory, ``loss.memory`` > 0; its
-    arrays are tensors, so checkpoints load with ``weights_only=True``; the count of its
-    smoothing draws); ``None`` when there is nothing to keep."""
-    if criterion is None or not (getattr(criterion, "memory", 0)
-                                 or getattr(criterion, "smoothing", "none") != "none"):
-        return None
-    return criterion.get_extra_state()
-
-
-def load_loss_state(criterion, state: dict[str, Any] | None) -> None:
-    """Restore what :func:`loss_state` saved (no-op for ``None``)."""
-    if state is not None and criterion is not None:
-        criterion.set_extra_state(state)
-
-
 def load_model_weights(model: torch.nn.Module, path: str | Path) -> dict[str, Any]:
     """Load only the model weights of checkpoint ``path`` into ``model`` (``init_from``)."""
     state = ckpt.load_checkpoint(path)
@@ -255,21 +200,6 @@ def _generator(seed: int, iteration: int, slot: int) -> torch.Generator:
     exactly what a single process with the global batch would."""
     return torch.Generator().manual_seed(
         (seed * 1_000_003 + iteration * 1_009 + slot) % 2**63)
-
-
-class _Running:
-    """Exponential moving averages of the logged statistics (for the progress bar)."""
-
-    def __init__(self, momentum: float = 0.9):
-        self.m = momentum
-        self.values: dict[str, float] = {}
-
-    def update(self, stats: dict[str, float]) -> None:
-        for k, v in stats.items():
-            if v is None or (isinstance(v, float) and math.isnan(v)):
-                continue
-            old = self.values.get(k)
-            self.values[k] = v if old is None else self.m * old + (1 - self.m) * v
 
 
 def train(
@@ -351,32 +281,19 @@ def _train(cfg: Config, run_dir: Path, resume_state, callbacks, progress: bool) 
     proposals = build_proposals(cfg, dataset, "train", progress=progress and env.is_main)
     model = build_model(cfg, dataset.num_classes).to(device)
     optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg)
     order = DataOrder(len(dataset), t.images_per_batch * env.world_size, t.seed, cfg.data.flip)
     rank_order = RankOrder(order, env.rank, env.world_size)
     criterion = build_criterion(cfg, distributed=env.distributed, model=model)
-    faster = cfg.model.arch == "faster_rcnn"
-    if t.loss in ("map", "softmax_map"):
-        lc = cfg.loss
-        log.info("mAP stage: lr %g (loss.lr; train.lr %g is the softmax stage's), "
-                 "normalization %s, min_step %g, memory %d", cfg.stage_lr(), t.lr,
-                 lc.normalization, lc.min_step, lc.memory)
+    step = build_step(cfg, criterion)
+    state = TrainState(model, optimizer, build_scheduler(optimizer, cfg), cfg, order,
+                       tuple(dataset.class_names), criterion)
+    checkpointer = Checkpointer(state, run_dir / "checkpoints", env)
 
-    ckpt_dir = run_dir / "checkpoints"
     start = 0
-    last_ckpt: Path | None = None
     if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        set_rng_state(_rank_rng_state(resume_state, env))
-        load_loss_state(criterion, resume_state.get("loss_memory"))
-        start = int(resume_state["iteration"])
-        if int(resume_state.get("data_position", order.position(start))) != order.position(start):
-            log.warning("checkpoint data position %s differs from iteration %d x %d images",
-                        resume_state.get("data_position"), start, t.images_per_batch)
-        last_ckpt = Path(resume_state["path"])
-        log.info("resumed from %s at iteration %d", last_ckpt, start)
+        start = state.restore(resume_state, env)
+        checkpointer.last = Path(resume_state["path"])
+        log.info("resumed from %s at iteration %d", checkpointer.last, start)
     elif t.init_from:
         load_model_weights(model, t.init_from)
         log.info("initialised the model from %s", t.init_from)
@@ -388,63 +305,61 @@ def _train(cfg: Config, run_dir: Path, resume_state, callbacks, progress: bool) 
     metrics = (MetricsLogger(run_dir, tensorboard=cfg.output.tensorboard,
                              purge_step=start if resume_state is not None else None)
                if env.is_main else _NoMetrics())
-    running = _Running()
-    stats: dict[str, float] = {}
     model.train()
     loader = make_train_loader(dataset, proposals, cfg, rank_order, start, t.iterations, device)
     bar = progress_bar(total=t.iterations, initial=start, enabled=progress and env.is_main,
                        dynamic_ncols=True, desc=f"train[{t.loss}]", leave=False)
-    step_times: list[float] = []
+    logger = LogHook(metrics, bar, t.log_every, t.iterations)
+    hooks = [logger, CheckpointHook(checkpointer, t.checkpoint_every, t.iterations),
+             CallbackHook(callbacks)]
     try:
-        for it, batch in zip(range(start, t.iterations), loader, strict=False):
-            t0 = time.perf_counter()
-            gens = [_generator(t.seed, it, slot) for slot in rank_order.slots()]
-            if faster:  # the model computes its own loss (its RoI heads hold the MAPLoss)
-                loss, stats = faster_rcnn_loss(train_model, batch, gens)
-            elif t.loss in ("ap_loss", "rank_sort"):
-                loss, stats = ranking_loss(train_model, batch, cfg, gens)
-            elif t.loss == "softmax_map":
-                loss, stats = softmax_map_loss(train_model, batch, cfg, criterion, gens)
-            elif criterion is None:
-                loss, stats = softmax_loss(train_model, batch, cfg, gens)
-            else:
-                loss, stats = map_loss(train_model, batch, cfg, criterion, gens)
-            _check_finite(loss, it, stats, last_ckpt, env)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if t.clip_grad_norm > 0:
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
-                stats["grad_norm"] = float(norm)
-            optimizer.step()
-            stats["lr"] = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            step_times.append(time.perf_counter() - t0)
-            stats["sec_per_iter"] = step_times[-1]
-            running.update(stats)
-            done = it + 1
-            if done % t.log_every == 0 or done == t.iterations:
-                metrics.log(done, stats)
-                log.debug("iteration %d: %s", done, _fmt(stats))
-            bar.set_postfix(_postfix(running.values), refresh=False)
-            bar.update(1)
-            if t.checkpoint_every and done % t.checkpoint_every == 0 and done < t.iterations:
-                last_ckpt = _save(model, optimizer, scheduler, cfg, done, order, dataset,
-                                  stats, ckpt_dir, criterion, env)
-            for fn in callbacks:
-                fn(done, stats)
+        step_times, stats = _loop(step, train_model, state, loader, range(start, t.iterations),
+                           rank_order, hooks, checkpointer, env)
         done = max(t.iterations, start)
-        final = ckpt.checkpoint_path(ckpt_dir, done)
-        if last_ckpt is None or Path(last_ckpt).resolve() != final.resolve():
-            last_ckpt = _save(model, optimizer, scheduler, cfg, done, order, dataset, stats,
-                              ckpt_dir, criterion, env)
+        for hook in hooks:
+            hook.after_train(done, stats)
     finally:
         bar.close()
         metrics.close()
     # Skip the first iteration (warm-up, allocations) in the timing when there are several.
     timed = step_times[1:] if len(step_times) > 1 else step_times
     spi = sum(timed) / len(timed) if timed else math.nan
-    log.info("finished %d iterations (%.3f s/iteration); checkpoint %s", done, spi, last_ckpt)
-    return TrainResult(run_dir, last_ckpt, done, spi, running.values, dataset.num_classes)
+    log.info("finished %d iterations (%.3f s/iteration); checkpoint %s", done, spi,
+             checkpointer.last)
+    return TrainResult(run_dir, checkpointer.last, done, spi, logger.running.values,
+                       dataset.num_classes)
+
+
+def _loop(step: Step, train_model: torch.nn.Module, state: TrainState, loader,
+          iterations: range, rank_order: RankOrder, hooks: list[Hook],
+          checkpointer: Checkpointer, env: DistEnv) -> tuple[list[float], dict[str, float]]:
+    """Run ``step`` for each iteration of ``iterations`` (one batch of ``loader`` each), with
+    the backward pass, gradient clipping, the optimizer and LR steps, and ``hooks`` around
+    it. Returns each iteration's seconds and the last iteration's statistics."""
+    t = state.cfg.train
+    optimizer, scheduler = state.optimizer, state.scheduler
+    step_times: list[float] = []
+    stats: dict[str, float] = {}
+    for it, batch in zip(iterations, loader, strict=False):
+        for hook in hooks:
+            hook.before_step(it)
+        t0 = time.perf_counter()
+        gens = [_generator(t.seed, it, slot) for slot in rank_order.slots()]
+        loss, stats = step(train_model, batch, gens)
+        _check_finite(loss, it, stats, checkpointer.last, env)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.clip_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), t.clip_grad_norm)
+            stats["grad_norm"] = float(norm)
+        optimizer.step()
+        stats["lr"] = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        step_times.append(time.perf_counter() - t0)
+        stats["sec_per_iter"] = step_times[-1]
+        for hook in hooks:
+            hook.after_step(it + 1, stats)
+    return step_times, stats
 
 
 class _NoMetrics:
@@ -455,35 +370,3 @@ class _NoMetrics:
 
     def close(self) -> None:
         pass
-
-
-def _save(model, optimizer, scheduler, cfg, done, order, dataset, stats, ckpt_dir,
-          criterion=None, env: DistEnv | None = None) -> Path:
-    """Write a checkpoint (rank 0 only; the others wait for it) and return its path."""
-    env = env or DistEnv()
-    rng_per_rank = None
-    if env.distributed:  # every rank's generators, so that a resume restores each its own
-        states = gather_dicts({env.rank: get_rng_state()}, env)
-        rng_per_rank = [states[r] for r in range(env.world_size)]
-    if not env.is_main:
-        barrier(env)
-        return ckpt.checkpoint_path(ckpt_dir, done)
-    path = ckpt.save_checkpoint(
-        ckpt.checkpoint_path(ckpt_dir, done),
-        _state(model, optimizer, scheduler, cfg, done, order, dataset.class_names, stats,
-               criterion, rng_per_rank),
-    )
-    ckpt.write_last_pointer(ckpt_dir, path)
-    ckpt.prune_checkpoints(ckpt_dir, cfg.train.keep_checkpoints)
-    log.info("saved checkpoint %s", path)
-    barrier(env)
-    return path
-
-
-def _fmt(stats: dict[str, float]) -> str:
-    return " ".join(f"{k}={v:.4g}" for k, v in stats.items() if isinstance(v, (int, float)))
-
-
-def _postfix(values: dict[str, float]) -> dict[str, str]:
-    keys = ("loss", "mAP", "accuracy", "lr")
-    return {k: f"{values[k]:.3g}" for k in keys if k in values}
