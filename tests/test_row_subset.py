@@ -15,6 +15,7 @@ from mapdet.models.roi_pool import roi_pool, roi_pool_nograd
 from mapdet.row_subset import (
     attach_grad,
     loss_and_grad,
+    plan_sparse_step,
     row_dependence,
     rows_with_grad,
     split_rows,
@@ -71,6 +72,44 @@ def test_the_subset_backward_equals_the_full_backward_for_independent_rows():
     attach_grad(value, sub, grad[rows]).backward()
     for a, b in zip((p.grad for p in head.parameters()), want, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_the_sparse_plan_recomputes_the_touched_rows_and_equals_the_full_backward():
+    """Windows are rows 2, 3, 5, 6 of a head with 8 rows; the loss touches windows 0 and 3
+    (window 1's gradient is masked off); rows 7 and 2 are needed besides."""
+    torch.manual_seed(1)
+    head = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 4))
+    x = torch.randn(8, 6)
+    window_rows = torch.tensor([2, 3, 5, 6])
+    g = torch.zeros(4, 3)
+    g[0], g[1], g[3] = torch.randn(3), torch.randn(3), torch.randn(3)
+    mask = torch.zeros(4, 3, dtype=torch.bool)
+    mask[1] = True
+
+    def loss_fn(p):
+        return (p * g).sum()
+
+    full = torch.softmax(head(x), 1)[window_rows, 1:]
+    (full * g.masked_fill(mask, 0.0)).sum().backward()
+    want = [p.grad.clone() for p in head.parameters()]
+    head.zero_grad()
+    with torch.no_grad():
+        probs = torch.softmax(head(x), 1)[window_rows, 1:]
+    extra = torch.tensor([7, 2])
+    plan = plan_sparse_step(loss_fn, probs, extra_rows=extra, num_rows=8,
+                            window_rows=window_rows, no_grad_mask=mask)
+    assert plan.windows.tolist() == [0, 3] and plan.need.tolist() == [2, 6, 7]
+    assert plan.need[plan.window_at].tolist() == [2, 6]
+    assert plan.need[plan.extra_at].tolist() == [7, 2]
+    assert plan.value.item() == loss_fn(probs).item()
+    loss = plan.loss(head(x[plan.need]))
+    assert loss.item() == plan.value.item()
+    loss.backward()
+    for a, b in zip((p.grad for p in head.parameters()), want, strict=True):
+        torch.testing.assert_close(a, b)
+    empty = plan_sparse_step(lambda p: p.sum() * 0, probs, num_rows=8,
+                             extra_rows=torch.zeros(0, dtype=torch.int64))
+    assert empty.need.tolist() == [0] and empty.windows.numel() == 0  # never an empty graph
 
 
 def test_split_rows():

@@ -34,11 +34,14 @@ across RoIs, say) is not recognised: switch the subset off for it (``sparse_back
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["attach_grad", "loss_and_grad", "row_dependence", "rows_with_grad", "split_rows"]
+__all__ = ["SparsePlan", "attach_grad", "loss_and_grad", "plan_sparse_step", "row_dependence",
+           "rows_with_grad", "split_rows"]
 
 
 def row_dependence(*modules: nn.Module) -> str | None:
@@ -98,3 +101,65 @@ def split_rows(rows: torch.Tensor, counts: Sequence[int]) -> list[torch.Tensor]:
     hi = torch.searchsorted(rows, bounds[1:])
     return [rows[a:b] - s for a, b, s in zip(lo.tolist(), hi.tolist(), bounds[:-1].tolist(),
                                              strict=True)]
+
+
+@dataclass(frozen=True)
+class SparsePlan:
+    """The mAP step's loss on every window, and the head rows to recompute with autograd.
+
+    Made by :func:`plan_sparse_step` from the scores of every row (taken without autograd);
+    :meth:`loss` attaches the gradient to the recomputed rows' logits.
+
+    Attributes:
+        value: ``()`` the loss on every window, detached.
+        windows: ``(G,)`` int64, ascending: the windows with a nonzero gradient.
+        grad: ``(G, K)``: the loss's gradient w.r.t. those windows' probabilities.
+        need: ``(R,)`` int64, ascending, unique: the head rows to recompute (the windows'
+            rows and the extra rows); never empty when the head has rows, so that every
+            head parameter stays in the graph (DistributedDataParallel).
+        window_at: ``(G,)`` positions of the windows' rows in ``need``.
+        extra_at: ``(E,)`` positions of the extra rows (e.g. the box loss's) in ``need``.
+    """
+
+    value: torch.Tensor
+    windows: torch.Tensor
+    grad: torch.Tensor
+    need: torch.Tensor
+    window_at: torch.Tensor
+    extra_at: torch.Tensor
+
+    def loss(self, sub_logits: torch.Tensor) -> torch.Tensor:
+        """The loss (value exactly :attr:`value`) with its gradient on ``sub_logits (R, K+1)``,
+        the recomputed rows :attr:`need`' class logits (background first): the foreground
+        softmax probabilities of the windows' rows carry :attr:`grad` (:func:`attach_grad`)."""
+        sub_probs = F.softmax(sub_logits[self.window_at], dim=1)[:, 1:]
+        return attach_grad(self.value, sub_probs, self.grad)
+
+
+def plan_sparse_step(loss_fn: Callable[[torch.Tensor], torch.Tensor], probs: torch.Tensor, *,
+                     extra_rows: torch.Tensor, num_rows: int,
+                     window_rows: torch.Tensor | None = None,
+                     no_grad_mask: torch.Tensor | None = None) -> SparsePlan:
+    """Steps 2 and 3 of the module doc for one minibatch: the loss and its gradient on every
+    window, and which head rows to recompute.
+
+    Args:
+        loss_fn: ``probs (W, K) -> scalar`` (e.g. a :class:`mapdet.MAPLoss` call).
+        probs: ``(W, K)`` foreground probabilities of every window, scored without autograd.
+        extra_rows: ``(E,)`` int64 head rows needed besides (the box loss's sample).
+        num_rows: how many rows the head scored (``>= W``).
+        window_rows: ``(W,)`` int64: window ``i``'s head row (``None``: row ``i``).
+        no_grad_mask: ``(W, K)`` bool: entries whose gradient is dropped (pairs the loss
+            only saw at a fixed score).
+    """
+    value, grad = loss_and_grad(loss_fn, probs)
+    if no_grad_mask is not None:
+        grad = grad.masked_fill(no_grad_mask, 0.0)
+    windows = rows_with_grad(grad)
+    rows = windows if window_rows is None else window_rows[windows]
+    need = torch.unique(torch.cat([rows, extra_rows]))  # ascending
+    if need.numel() == 0 and num_rows:
+        need = torch.zeros(1, dtype=torch.int64, device=probs.device)
+    return SparsePlan(value=value, windows=windows, grad=grad[windows], need=need,
+                      window_at=torch.searchsorted(need, rows),
+                      extra_at=torch.searchsorted(need, extra_rows))

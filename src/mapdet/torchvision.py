@@ -70,13 +70,7 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import boxes as box_ops
 
 from mapdet.loss import MAPLoss
-from mapdet.row_subset import (
-    attach_grad,
-    loss_and_grad,
-    row_dependence,
-    rows_with_grad,
-    split_rows,
-)
+from mapdet.row_subset import plan_sparse_step, row_dependence, split_rows
 
 __all__ = ["MAPRoIHeads", "SMALL_BOX_SIZE", "map_windows", "use_map_loss"]
 
@@ -253,22 +247,16 @@ class MAPRoIHeads(RoIHeads):
             self.last_grad_rows = int(class_logits.shape[0])
             loss_box = self._box_loss(box_regression, pos, pos_labels, pos_targets, len(rows))
         else:
-            value, grad = loss_and_grad(loss_fn, probs)
-            grad = grad.masked_fill(small, 0.0)  # as the full path's masked_fill stops it
-            windows = rows_with_grad(grad)
-            need = torch.unique(torch.cat([sel[windows], pos]))  # ascending
-            if need.numel() == 0:  # keep every head parameter in the graph (DDP)
-                need = torch.zeros(1, dtype=torch.int64, device=sel.device)
-            self.last_grad_rows = int(need.numel())
-            local = split_rows(need, counts)
+            plan = plan_sparse_step(loss_fn, probs, extra_rows=pos, num_rows=len(class_logits),
+                                    window_rows=sel, no_grad_mask=small)
+            self.last_grad_rows = int(plan.need.numel())
+            local = split_rows(plan.need, counts)
             sub_logits, sub_regression = self._head(
                 features, [r[i.to(r.device)] for r, i in zip(rows, local, strict=True)],
                 image_shapes)
-            at = torch.searchsorted(need, sel[windows])
-            sub_probs = F.softmax(sub_logits[at], -1)[:, 1:]
-            loss_map = attach_grad(value, sub_probs, grad[windows])
-            loss_box = self._box_loss(sub_regression, torch.searchsorted(need, pos),
-                                      pos_labels, pos_targets, len(rows))
+            loss_map = plan.loss(sub_logits)
+            loss_box = self._box_loss(sub_regression, plan.extra_at, pos_labels, pos_targets,
+                                      len(rows))
         if self.check_cap:
             self._note_cap(probs.detach(), boxes, image_ids)
         return {"loss_map": self.map_weight * loss_map, "loss_box_reg": loss_box}

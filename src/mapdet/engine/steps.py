@@ -38,6 +38,7 @@ import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -50,7 +51,7 @@ from mapdet.models.fast_rcnn import FastRCNN
 from mapdet.models.losses import box_regression_loss, fast_rcnn_loss
 from mapdet.models.postprocess import class_specific_boxes
 from mapdet.models.sampling import label_proposals, sample_rois
-from mapdet.row_subset import attach_grad, loss_and_grad, row_dependence, rows_with_grad
+from mapdet.row_subset import plan_sparse_step, row_dependence
 
 __all__ = ["STEPS", "FasterRCNNStep", "MAPStep", "RankingStep", "SoftmaxMAPStep", "SoftmaxStep",
            "Step", "build_step", "class_log_odds", "full_path_reason", "map_loss",
@@ -115,6 +116,49 @@ def _sample_foreground(labels: torch.Tensor, k: int, generator: torch.Generator)
     return fg[perm.to(fg.device)]
 
 
+@dataclass(frozen=True)
+class _MapWindows:
+    """The mAP loss's windows of one minibatch and the box loss's foreground sample.
+
+    ``boxes (N, K, 4)`` class-specific, clipped, detached; ``image_ids (N,)``; ``targets``
+    per image (with the difficult flags); ``box_sel (F,)`` the sampled foreground rows,
+    ``box_labels (F,)`` in ``1..K``, ``box_targets (F, 4)`` encoded."""
+
+    boxes: torch.Tensor
+    image_ids: torch.Tensor
+    targets: list[dict[str, torch.Tensor]]
+    box_sel: torch.Tensor
+    box_labels: torch.Tensor
+    box_targets: torch.Tensor
+
+
+def _map_windows(batch: Batch, rois: list[torch.Tensor], deltas: torch.Tensor, cfg: Config,
+                 generators: Sequence[torch.Generator]) -> _MapWindows:
+    """:func:`map_loss`'s windows from the head's ``deltas (N, K+1, 4)`` on ``rois``."""
+    t = cfg.train
+    device = batch.images.device
+    boxes, image_ids, targets, box_sel, box_labels, box_targets = [], [], [], [], [], []
+    start = 0
+    n_box = max(1, round(t.fg_fraction * t.rois_per_image))
+    for b, (s, r, generator) in enumerate(zip(batch.samples, rois, generators, strict=True)):
+        d = deltas[start : start + r.shape[0]]
+        with torch.no_grad():
+            boxes.append(class_specific_boxes(d.detach(), r.to(device), s.size))
+        image_ids.append(torch.full((r.shape[0],), b, dtype=torch.int64))
+        targets.append({"boxes": s.boxes, "labels": s.labels, "difficult": s.difficult})
+        gt_boxes, gt_labels = training_gt(s, cfg.data.use_difficult)
+        labels, reg_targets, _, _ = label_proposals(r, gt_boxes, gt_labels, fg_iou=t.fg_iou)
+        sel = _sample_foreground(labels, n_box, generator)
+        box_sel.append(sel + start)
+        box_labels.append(labels[sel])
+        box_targets.append(reg_targets[sel])
+        start += r.shape[0]
+    return _MapWindows(boxes=torch.cat(boxes), image_ids=torch.cat(image_ids).to(device),
+                       targets=targets, box_sel=torch.cat(box_sel).to(device),
+                       box_labels=torch.cat(box_labels).to(device),
+                       box_targets=torch.cat(box_targets).to(device))
+
+
 def map_loss(
     model: torch.nn.Module,
     batch: Batch,
@@ -146,63 +190,33 @@ def map_loss(
         rois.append(p)
     rois_dev = [r.to(device) for r in rois]
     counts = [r.shape[0] for r in rois]
-    plan: dict[str, object] = {}
-
-    def windows(deltas: torch.Tensor) -> None:
-        """The loss's boxes and targets, and the box loss's foreground sample, into ``plan``."""
-        boxes, image_ids, targets, box_sel, box_labels, box_targets = [], [], [], [], [], []
-        start = 0
-        n_box = max(1, round(t.fg_fraction * t.rois_per_image))
-        for b, (s, r, generator) in enumerate(zip(batch.samples, rois, generators, strict=True)):
-            d = deltas[start : start + r.shape[0]]
-            with torch.no_grad():
-                boxes.append(class_specific_boxes(d.detach(), r.to(device), s.size))
-            image_ids.append(torch.full((r.shape[0],), b, dtype=torch.int64))
-            targets.append({"boxes": s.boxes, "labels": s.labels, "difficult": s.difficult})
-            gt_boxes, gt_labels = training_gt(s, cfg.data.use_difficult)
-            labels, reg_targets, _, _ = label_proposals(r, gt_boxes, gt_labels, fg_iou=t.fg_iou)
-            sel = _sample_foreground(labels, n_box, generator)
-            box_sel.append(sel + start)
-            box_labels.append(labels[sel])
-            box_targets.append(reg_targets[sel])
-            start += r.shape[0]
-        plan.update(boxes=torch.cat(boxes), image_ids=torch.cat(image_ids).to(device),
-                    targets=targets, box_sel=torch.cat(box_sel).to(device),
-                    box_labels=torch.cat(box_labels).to(device),
-                    box_targets=torch.cat(box_targets).to(device))
-
-    def loss_fn(p: torch.Tensor) -> torch.Tensor:
-        return criterion(p, plan["boxes"], plan["image_ids"], plan["targets"])
-
-    def grad_rows(logits: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
-        """All rows scored: the loss, its gradient, and the rows to recompute."""
-        windows(deltas)
-        probs = F.softmax(logits, dim=1)[:, 1:]
-        value, grad = loss_and_grad(loss_fn, probs)
-        nonzero = rows_with_grad(grad)
-        need = torch.unique(torch.cat([nonzero, plan["box_sel"]]))
-        if need.numel() == 0 and probs.shape[0]:  # keep the head's parameters in the graph
-            need = torch.zeros(1, dtype=torch.int64, device=device)
-        plan.update(probs=probs, value=value, grad=grad, nonzero=nonzero, need=need)
-        return need
-
     net = getattr(model, "module", model)  # DistributedDataParallel
     if full_path_reason(net) is None:
+        found: list = []
+
+        def grad_rows(logits: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+            """All rows scored: the loss, its gradient, and the rows to recompute."""
+            w = _map_windows(batch, rois, deltas, cfg, generators)
+            probs = F.softmax(logits, dim=1)[:, 1:]
+            plan = plan_sparse_step(lambda p: criterion(p, w.boxes, w.image_ids, w.targets),
+                                    probs, extra_rows=w.box_sel, num_rows=probs.shape[0])
+            found.extend((w, probs, plan))
+            return plan.need
+
         out = model(batch.images, rois_dev, grad_rows=grad_rows)
-        need, nonzero = plan["need"], plan["nonzero"]
-        sub_probs = F.softmax(out.sub_logits[torch.searchsorted(need, nonzero)], dim=1)[:, 1:]
-        loss_map = attach_grad(plan["value"], sub_probs, plan["grad"][nonzero])
-        box_deltas = out.sub_deltas[torch.searchsorted(need, plan["box_sel"])]
-        probs, grad_row_count = plan["probs"], need.numel()
+        w, probs, plan = found
+        loss_map = plan.loss(out.sub_logits)
+        box_deltas = out.sub_deltas[plan.extra_at]
+        grad_row_count = plan.need.numel()
     else:
         logits, deltas = model(batch.images, rois_dev)
         probs = F.softmax(logits, dim=1)[:, 1:]
-        windows(deltas)
-        loss_map = loss_fn(probs)
-        box_deltas = deltas[plan["box_sel"]]
+        w = _map_windows(batch, rois, deltas, cfg, generators)
+        loss_map = criterion(probs, w.boxes, w.image_ids, w.targets)
+        box_deltas = deltas[w.box_sel]
         grad_row_count = probs.shape[0]
     loss_box = box_regression_loss(
-        box_deltas, plan["box_labels"], plan["box_targets"],
+        box_deltas, w.box_labels, w.box_targets,
         normalizer=t.rois_per_image * len(batch.samples),
     )
     loss = lc.map_loss_weight * loss_map + lc.box_loss_weight * loss_box
