@@ -33,7 +33,7 @@ def _worker(rank, args, port):
                     difficult=o.gt_difficult[o.gt_image_ids == b]) for b in range(args.images)]
     probs = torch.tensor(o.probs, dtype=torch.float32, requires_grad=True)
     boxes = torch.tensor(o.boxes, dtype=torch.float32)
-    loss_fn = MAPLoss(distributed=True, num_threads=1)
+    loss_fn = MAPLoss(normalization="none", distributed=True, num_threads=1)
     w = windows_from_tensors(probs, boxes, o.image_ids, targets)
     gather, total = [], []
     for _ in range(args.steps + 1):

@@ -207,7 +207,7 @@ def part_memory(args, rows, result):
     o = proposal_like_outputs(2, 2000, 20, seed=0)
     steps, ctx = [], {}
     for memory in (0, 20):
-        loss = MAPLoss(memory=memory, num_threads=1)
+        loss = MAPLoss(normalization="none", memory=memory, num_threads=1)
         for s in range(memory):
             call(loss, proposal_like_outputs(2, 2000, 20, seed=500 + s))
         state = list(loss._memory)

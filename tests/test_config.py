@@ -223,3 +223,31 @@ def test_map_stage_keys_are_checked():
         load_config(CONFIGS / "digits.yaml", ["loss.lr=-1"])
     with pytest.raises(ConfigError, match="loss.normalization: must be one of"):
         load_config(CONFIGS / "digits.yaml", ["loss.normalization=mean"])
+
+
+def test_maploss_defaults_are_the_configs_and_from_config_reads_every_option():
+    import inspect
+
+    from mapdet import MAPLoss
+    from mapdet.config import LossConfig
+
+    lc = LossConfig()
+    params = inspect.signature(MAPLoss).parameters
+    shared = [k for k in params if hasattr(lc, k)]
+    assert {"score_threshold", "nms_iou", "normalization", "min_step", "sigma"} <= set(shared)
+    for key in shared:  # num_threads: the config's 0 and the loss's None both mean all cores
+        want = (lc.num_threads or None) if key == "num_threads" else getattr(lc, key)
+        assert params[key].default == want, key
+    assert MAPLoss().normalization == "l1" == lc.normalization
+    cfg = load_config(None, ["loss.score_threshold=0.1", "loss.nms_iou=0.45",
+                             "loss.normalization=per_class", "loss.min_step=0.01",
+                             "loss.direction=both_summed", "loss.memory=3", "loss.form=neg_log",
+                             "loss.num_threads=2", "loss.ap_method=voc07"])
+    loss = MAPLoss.from_config(cfg.loss, seed=7)
+    got = {k: getattr(loss, k) for k in ("score_threshold", "nms_iou", "normalization",
+                                         "min_step", "direction", "memory", "form",
+                                         "num_threads", "ap_method", "seed")}
+    assert got == {"score_threshold": 0.1, "nms_iou": 0.45, "normalization": "per_class",
+                   "min_step": 0.01, "direction": "both_summed", "memory": 3,
+                   "form": "neg_log", "num_threads": 2, "ap_method": "voc07", "seed": 7}
+    assert MAPLoss.from_config(LossConfig()).num_threads is None  # 0: all cores

@@ -43,7 +43,8 @@ def _reference_grads(o, **kw):
 def test_backward_is_scaled_reference_pseudo_gradient(form):
     o, targets = _batch(windows=25, classes=3, seed=4)
     probs = torch.tensor(np.round(o.probs, 3), requires_grad=True)
-    loss_fn = MAPLoss(score_threshold=0.05, nms_iou=0.3, form=form, min_step=1e-3)
+    loss_fn = MAPLoss(normalization="none", score_threshold=0.05, nms_iou=0.3, form=form,
+                      min_step=1e-3)
     loss = loss_fn(probs, torch.tensor(o.boxes), torch.tensor(o.image_ids), targets)
     loss.backward()
     aps, grads = _reference_grads(o, score_threshold=0.05, nms_iou=0.3, min_step=1e-3)
@@ -130,7 +131,7 @@ def test_gradient_flows_through_softmax_and_raises_map():
     noise = np.random.default_rng(0).normal(0, 1, (o.image_ids.size, 4))
     feats = torch.tensor(np.concatenate([signal, noise], 1), dtype=torch.float32)
     model = torch.nn.Linear(feats.shape[1], k + 1)
-    loss_fn = MAPLoss(min_step=1e-2)
+    loss_fn = MAPLoss(normalization="none", min_step=1e-2)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     boxes, ids = torch.tensor(o.boxes), torch.tensor(o.image_ids)
     history = []
@@ -146,7 +147,7 @@ def test_gradient_flows_through_softmax_and_raises_map():
 
 def test_memory_keeps_the_last_k_minibatches():
     o, targets = _batch(windows=60, classes=2, seed=2)
-    loss_fn = MAPLoss(memory=2)
+    loss_fn = MAPLoss(normalization="none", memory=2)
     for step in range(4):
         probs = torch.tensor(o.probs, requires_grad=True)
         loss_fn(probs, o.boxes, o.image_ids, targets).backward()
@@ -160,11 +161,11 @@ def test_memory_keeps_the_last_k_minibatches():
 def test_memory_changes_the_ap_context():
     o, targets = _batch(windows=60, classes=2, seed=9)
     o2, targets2 = _batch(windows=60, classes=2, seed=10)
-    plain, with_memory = MAPLoss(), MAPLoss(memory=1)
+    plain, with_memory = MAPLoss(normalization="none"), MAPLoss(normalization="none", memory=1)
     with_memory(torch.tensor(o2.probs), o2.boxes, o2.image_ids, targets2)
     a = plain(torch.tensor(o.probs), o.boxes, o.image_ids, targets).item()
     b = with_memory(torch.tensor(o.probs), o.boxes, o.image_ids, targets).item()
-    joint = MAPLoss()(torch.tensor(np.concatenate([o.probs, o2.probs])),
+    joint = MAPLoss(normalization="none")(torch.tensor(np.concatenate([o.probs, o2.probs])),
                       np.concatenate([o.boxes, o2.boxes]),
                       np.concatenate([o.image_ids, o2.image_ids + 2]), targets + targets2).item()
     assert b == pytest.approx(joint)
@@ -175,7 +176,7 @@ def test_no_positive_gives_zero_loss_and_gradient():
     probs = torch.full((3, 2), 0.4, requires_grad=True)
     targets = [dict(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long))]
     boxes = torch.tensor([[0.0, 0, 10, 10]] * 3)
-    loss = MAPLoss()(probs, boxes, torch.zeros(3, dtype=torch.long), targets)
+    loss = MAPLoss(normalization="none")(probs, boxes, torch.zeros(3, dtype=torch.long), targets)
     loss.backward()
     assert loss.item() == 0.0 and not probs.grad.any()
 
@@ -203,9 +204,9 @@ def test_bad_input(change, message):
 
 def test_bad_options():
     with pytest.raises(ValueError, match="form must be one of"):
-        MAPLoss(form="log")
+        MAPLoss(normalization="none", form="log")
     with pytest.raises(ValueError, match="min_step"):
-        MAPLoss(min_step=0)
+        MAPLoss(normalization="none", min_step=0)
     with pytest.raises(ValueError, match="normalization must be one of"):
         MAPLoss(normalization="mean")
 
@@ -214,7 +215,7 @@ def test_bad_options():
 def test_cuda_tensors():
     o, targets = _batch(windows=30, classes=2)
     probs = torch.tensor(o.probs, device="cuda", requires_grad=True)
-    loss = MAPLoss()(probs, torch.tensor(o.boxes, device="cuda"),
+    loss = MAPLoss(normalization="none")(probs, torch.tensor(o.boxes, device="cuda"),
                      torch.tensor(o.image_ids, device="cuda"), targets)
     loss.backward()
     assert loss.device.type == "cuda" and probs.grad.device.type == "cuda"
@@ -222,9 +223,9 @@ def test_cuda_tensors():
 
 def test_memory_travels_in_state_dict():
     o, targets = _batch(windows=60, classes=2, seed=2)
-    a = MAPLoss(memory=2)
+    a = MAPLoss(normalization="none", memory=2)
     a(torch.tensor(o.probs), o.boxes, o.image_ids, targets)
-    b = MAPLoss(memory=2)
+    b = MAPLoss(normalization="none", memory=2)
     buf = io.BytesIO()
     torch.save(a.state_dict(), buf)
     buf.seek(0)

@@ -165,7 +165,7 @@ def test_memory_resumed_from_a_state_dict_rebuilds_its_fixed_parts():
          for s in range(4)]
     ws = [Windows(p.probs, p.boxes, p.image_ids, p.gt_boxes, p.gt_labels, p.gt_image_ids,
                   p.gt_difficult, 2) for p in o]
-    a = MAPLoss(memory=2, num_threads=1)
+    a = MAPLoss(normalization="none", memory=2, num_threads=1)
     for w in ws[:2]:
         a(torch.tensor(w.probs), w.boxes, w.image_ids, _targets(w))
     state = a.state_dict()
@@ -175,7 +175,7 @@ def test_memory_resumed_from_a_state_dict_rebuilds_its_fixed_parts():
     buf = io.BytesIO()
     torch.save(state, buf)
     buf.seek(0)
-    b = MAPLoss(memory=2, num_threads=1)
+    b = MAPLoss(normalization="none", memory=2, num_threads=1)
     b.load_state_dict(torch.load(buf, weights_only=True))
     assert all(w.fixed is None for w in b._memory)
     for w in ws[2:]:
@@ -204,7 +204,7 @@ def test_gathered_windows_with_memory_equal_the_concatenated_context(monkeypatch
     other = [_minibatch(rng, 3, False, 2) for _ in range(4)]
     monkeypatch.setattr(loss_module, "_gather_windows", lambda w: (
         Windows.concat([w, other.pop(0)]), slice(0, w.probs.shape[0]), 2))
-    loss_fn = MAPLoss(memory=2, distributed=True, num_threads=1)
+    loss_fn = MAPLoss(normalization="none", memory=2, distributed=True, num_threads=1)
     for _ in range(4):
         cur = _minibatch(rng, 3, False, 2)
         nxt = other[0]

@@ -34,20 +34,20 @@ def test_iou_thresholds_outside_0_1_are_rejected(kwargs):
 def test_float_image_ids_and_labels_are_rejected():
     probs, boxes, ids, targets = _batch()
     with pytest.raises(ValueError, match="image_ids must be integers, got dtype float32"):
-        MAPLoss()(probs, boxes, ids.float() + 0.7, targets)
+        MAPLoss(normalization="none")(probs, boxes, ids.float() + 0.7, targets)
     targets[1]["labels"] = torch.tensor([0.0, 1.9])
     with pytest.raises(ValueError, match=r"targets\[1\]\['labels'\] must be integers"):
-        MAPLoss()(probs, boxes, ids, targets)
+        MAPLoss(normalization="none")(probs, boxes, ids, targets)
 
 
 def test_bfloat16_probabilities_are_accepted():
     probs, boxes, ids, targets = _batch()
-    ref_loss = MAPLoss()
+    ref_loss = MAPLoss(normalization="none")
     p32 = probs.detach().to(torch.bfloat16).float().requires_grad_(True)
     expected = ref_loss(p32, boxes, ids, targets)
     expected.backward()
     pbf = probs.detach().to(torch.bfloat16).requires_grad_(True)
-    loss = MAPLoss()(pbf, boxes.to(torch.bfloat16), ids, targets)
+    loss = MAPLoss(normalization="none")(pbf, boxes.to(torch.bfloat16), ids, targets)
     loss.backward()
     assert loss.dtype == torch.bfloat16 and pbf.grad.dtype == torch.bfloat16
     # the same numbers as float32 inputs holding the same (bfloat16-rounded) values; boxes in
@@ -57,7 +57,7 @@ def test_bfloat16_probabilities_are_accepted():
 
 
 def test_memory_with_a_changed_number_of_classes_is_a_clear_error():
-    crit = MAPLoss(memory=2)
+    crit = MAPLoss(normalization="none", memory=2)
     crit(*_batch(k=3))
     with pytest.raises(ValueError, match=r"K = 4 classes but the stored minibatches have "
                        r"K = 3; call reset_memory\(\)"):

@@ -61,7 +61,8 @@ def _grad(loss, probs, boxes, img, targets):
 @given(_minibatch(), st.sampled_from([0.02, 0.2]), st.integers(1, 3))
 def test_average_smoothing_is_the_mean_of_reference_pseudo_gradients(case, sigma, k):
     probs, boxes, img, targets, seed = case
-    loss = MAPLoss(smoothing="average", sigma=sigma, samples=k, seed=seed, num_threads=1)
+    loss = MAPLoss(normalization="none", smoothing="average", sigma=sigma, samples=k, seed=seed,
+                   num_threads=1)
     _, g = _grad(loss, probs, boxes, img, targets)
     noise = np.random.default_rng([seed, 0]).standard_normal((k, *probs.shape))
     ref = np.zeros_like(probs)
@@ -78,7 +79,7 @@ def test_average_smoothing_is_the_mean_of_reference_pseudo_gradients(case, sigma
 @given(_minibatch(), st.sampled_from([0.02, 0.2]), st.integers(1, 4))
 def test_perturbed_smoothing_equals_the_reference_estimator(case, sigma, k):
     probs, boxes, img, targets, seed = case
-    loss = MAPLoss(smoothing="perturbed", sigma=sigma, samples=k, seed=seed)
+    loss = MAPLoss(normalization="none", smoothing="perturbed", sigma=sigma, samples=k, seed=seed)
     value, g = _grad(loss, probs, boxes, img, targets)
     noise = np.random.default_rng([seed, 0]).standard_normal((k, *probs.shape))
     ref = np.zeros_like(probs)
@@ -94,18 +95,18 @@ def test_smoothing_draws_advance_and_resume_from_the_extra_state():
     probs = np.array([[0.3, 0.2], [0.6, 0.1]])
     boxes = np.array([[0, 0, 10, 10], [40, 40, 50, 50]], dtype=np.float64)
     targets = [{"boxes": torch.tensor([[0.0, 0, 10, 10]]), "labels": torch.tensor([0])}]
-    a = MAPLoss(smoothing="perturbed", sigma=0.3, samples=2)
+    a = MAPLoss(normalization="none", smoothing="perturbed", sigma=0.3, samples=2)
     g1 = _grad(a, probs, boxes, [0, 0], targets)[1]
     state = a.get_extra_state()
     g2 = _grad(a, probs, boxes, [0, 0], targets)[1]
     assert not np.array_equal(g1, g2)
-    b = MAPLoss(smoothing="perturbed", sigma=0.3, samples=2)
+    b = MAPLoss(normalization="none", smoothing="perturbed", sigma=0.3, samples=2)
     b.set_extra_state(state)
     np.testing.assert_array_equal(_grad(b, probs, boxes, [0, 0], targets)[1], g2)
     with pytest.raises(ValueError, match="smoothing"):
-        MAPLoss(smoothing="gauss")
+        MAPLoss(normalization="none", smoothing="gauss")
     with pytest.raises(ValueError, match="memory"):
-        MAPLoss(smoothing="average", memory=2)
+        MAPLoss(normalization="none", smoothing="average", memory=2)
 
 
 def test_ap_loss_after_nms_hand_case():

@@ -209,7 +209,7 @@ def _fast_rcnn_step(model, batch, cfg):
     from mapdet import MAPLoss
     from mapdet.engine.steps import map_loss
 
-    criterion = MAPLoss(num_threads=1)
+    criterion = MAPLoss(normalization="none", num_threads=1)
     gens = [torch.Generator().manual_seed(7 + b) for b in range(len(batch.samples))]
     loss, stats = map_loss(model, batch, cfg, criterion, gens)
     model.zero_grad()

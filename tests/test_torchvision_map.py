@@ -46,7 +46,7 @@ def _data(num_images: int = 2, seed: int = 0):
 
 
 def test_training_step_gives_finite_losses_and_a_classifier_gradient():
-    model = use_map_loss(_small(), num_threads=1)
+    model = use_map_loss(_small(), normalization="none", num_threads=1)
     model.train()
     images, targets = _data()
     losses = model(images, targets)
@@ -64,7 +64,7 @@ def test_works_on_torchvisions_own_builder():
     model = fasterrcnn_mobilenet_v3_large_fpn(
         weights=None, weights_backbone=None, num_classes=4, min_size=64, max_size=64,
         rpn_post_nms_top_n_train=50, rpn_pre_nms_top_n_train=100)
-    use_map_loss(model, num_threads=1)
+    use_map_loss(model, normalization="none", num_threads=1)
     model.train()
     images, targets = _data()
     losses = model(images, targets)
@@ -75,7 +75,7 @@ def test_works_on_torchvisions_own_builder():
 
 def test_eval_outputs_equal_torchvisions_for_the_same_weights():
     plain = _small(box_score_thresh=0.0)
-    wrapped = use_map_loss(copy.deepcopy(plain), num_threads=1)
+    wrapped = use_map_loss(copy.deepcopy(plain), normalization="none", num_threads=1)
     assert type(wrapped.roi_heads) is MAPRoIHeads and type(plain.roi_heads) is RoIHeads
     plain.eval()
     wrapped.eval()
@@ -91,14 +91,15 @@ def test_eval_outputs_equal_torchvisions_for_the_same_weights():
 
 def test_weights_keep_their_state_dict_keys():
     plain = _small()
-    wrapped = use_map_loss(copy.deepcopy(plain))
+    wrapped = use_map_loss(copy.deepcopy(plain), normalization="none")
     assert wrapped.state_dict().keys() == plain.state_dict().keys()
     wrapped.load_state_dict(plain.state_dict())
     plain.load_state_dict(wrapped.state_dict())
 
 
 def test_custom_thresholds_are_carried_into_the_loss():
-    model = use_map_loss(_small(box_score_thresh=0.2, box_nms_thresh=0.45), num_threads=1)
+    model = use_map_loss(_small(box_score_thresh=0.2, box_nms_thresh=0.45), normalization="none",
+                         num_threads=1)
     assert model.roi_heads.map_loss.score_threshold == 0.2
     assert model.roi_heads.map_loss.nms_iou == 0.45
     model.train()
@@ -113,32 +114,44 @@ def test_custom_thresholds_are_carried_into_the_loss():
 def test_a_threshold_changed_on_the_model_later_is_named(attr, value, name):
     """Changed on the model after use_map_loss: the next step names both values, and
     use_map_loss again (validated by MAPLoss) carries the new one into the loss."""
-    model = use_map_loss(_small(), num_threads=1)
+    model = use_map_loss(_small(), normalization="none", num_threads=1)
     setattr(model.roi_heads, attr, value)
     model.train()
     images, targets = _data()
     with pytest.raises(ValueError, match=rf"roi_heads.{attr}={value} .* map_loss.{name}="):
         model(images, targets)
-    use_map_loss(model, num_threads=1)
+    use_map_loss(model, normalization="none", num_threads=1)
     assert getattr(model.roi_heads.map_loss, name) == value
     model(images, targets)
     model.roi_heads.nms_thresh = 1.5  # invalid: MAPLoss's own check names it
     with pytest.raises(ValueError, match="nms_iou"):
-        use_map_loss(model)
+        use_map_loss(model, normalization="none")
 
 
 def test_a_threshold_that_differs_from_the_model_is_named():
     with pytest.raises(ValueError, match="box_score_thresh"):
-        use_map_loss(_small(box_score_thresh=0.2), score_threshold=0.05)
+        use_map_loss(_small(box_score_thresh=0.2), normalization="none", score_threshold=0.05)
     with pytest.raises(ValueError, match="box_nms_thresh"):
-        use_map_loss(_small(), nms_iou=0.3)
-    use_map_loss(_small(), score_threshold=0.05, nms_iou=0.5)  # equal: fine
+        use_map_loss(_small(), normalization="none", nms_iou=0.3)
+    use_map_loss(_small(), normalization="none", score_threshold=0.05, nms_iou=0.5)  # equal: fine
+
+
+def test_a_given_loss_is_used_when_its_thresholds_are_the_models():
+    from mapdet import MAPLoss
+
+    loss = MAPLoss(score_threshold=0.05, nms_iou=0.5, min_step=0.01)
+    model = use_map_loss(_small(), loss=loss)
+    assert model.roi_heads.map_loss is loss
+    with pytest.raises(ValueError, match="box_nms_thresh"):
+        use_map_loss(_small(), loss=MAPLoss(nms_iou=0.3))
+    with pytest.raises(ValueError, match="either loss or MAPLoss options, not both .min_step"):
+        use_map_loss(_small(), loss=loss, min_step=0.1)
 
 
 def test_bad_models_and_targets_are_named():
     with pytest.raises(TypeError, match="roi_heads"):
-        use_map_loss(torch.nn.Linear(2, 2))
-    model = use_map_loss(_small())
+        use_map_loss(torch.nn.Linear(2, 2), normalization="none")
+    model = use_map_loss(_small(), normalization="none")
     model.train()
     images, targets = _data()
     targets[1]["labels"] = torch.tensor([0, 1])
@@ -189,6 +202,7 @@ def test_the_loss_windows_give_torchvisions_detections(seed):
 
 def test_the_per_image_cap_is_named_when_it_binds():
     model = use_map_loss(_small(box_score_thresh=0.0, box_detections_per_img=5),
+                         normalization="none",
                          num_threads=1)
     model.train()
     images, targets = _data()
@@ -216,9 +230,10 @@ def test_the_sparse_backward_equals_the_full_path(score_thresh):
     """Scoring every proposal without autograd and recomputing only the rows with a nonzero
     pseudo-gradient or a box target gives the full path's loss and gradients, at the head
     and the backbone."""
-    full = use_map_loss(_small(box_score_thresh=score_thresh), num_threads=1,
+    full = use_map_loss(_small(box_score_thresh=score_thresh), normalization="none", num_threads=1,
                         sparse_backward=False)
-    sparse = use_map_loss(copy.deepcopy(full), num_threads=1, sparse_backward=True)
+    sparse = use_map_loss(copy.deepcopy(full), normalization="none", num_threads=1,
+                          sparse_backward=True)
     lf, gf = _grads(full)
     ls, gs = _grads(sparse)
     assert full.roi_heads.last_full_path == "sparse_backward=False"
@@ -240,8 +255,9 @@ def test_a_head_whose_rows_interact_takes_the_full_path(layer):
     model = _small()
     extra = torch.nn.BatchNorm1d(256) if layer == "batchnorm" else torch.nn.Dropout(0.3)
     model.roi_heads.box_head = torch.nn.Sequential(model.roi_heads.box_head, extra)
-    plain = use_map_loss(copy.deepcopy(model), num_threads=1, sparse_backward=False)
-    auto = use_map_loss(model, num_threads=1)
+    plain = use_map_loss(copy.deepcopy(model), normalization="none", num_threads=1,
+                         sparse_backward=False)
+    auto = use_map_loss(model, normalization="none", num_threads=1)
     lp, gp = _grads(plain)
     la, ga = _grads(auto)
     assert type(extra).__name__ in auto.roi_heads.last_full_path
@@ -261,6 +277,7 @@ def test_torchvisions_v2_box_head_is_recognised_as_not_row_independent():
 
 def test_the_cap_check_can_be_switched_off():
     model = use_map_loss(_small(box_score_thresh=0.0, box_detections_per_img=5),
+                         normalization="none",
                          num_threads=1, check_cap=False)
     model.train()
     images, targets = _data()
@@ -293,7 +310,7 @@ def _ddp_worker(rank, world, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model = use_map_loss(_small(), distributed=True, num_threads=1)
+        model = use_map_loss(_small(), normalization="none", distributed=True, num_threads=1)
         model.train()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         images, targets = _data(4, seed=5)
@@ -308,7 +325,7 @@ def test_ddp_two_ranks_equal_the_single_process_global_batch(tmp_path):
     world = 2
     mp.start_processes(_ddp_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world,
                        start_method="spawn")
-    model = use_map_loss(_small(), num_threads=1)
+    model = use_map_loss(_small(), normalization="none", num_threads=1)
     model.train()
     images, targets = _data(4, seed=5)
     _, m_ap, g_cls, g_box = _step(model, images, targets)

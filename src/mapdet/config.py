@@ -10,7 +10,7 @@ file plus ``section.key=value`` overrides (values parsed as YAML scalars, so
 
 Unknown keys are errors that list the valid keys of the section and suggest the closest
 (``difflib``); values of the wrong type are errors that name the key. This module imports
-nothing else of mapdet (see docs/architecture.md).
+nothing else of mapdet but the leaf :mod:`mapdet.defaults` (see docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
+
+from mapdet import defaults
 
 __all__ = [
     "Config",
@@ -242,24 +244,24 @@ class LossConfig:
     AP-Loss's) and ``rank_sort`` (null: 0.5, RS Loss's).
     """
 
-    score_threshold: float = 0.05
-    nms_iou: float = 0.3
-    match_iou: float = 0.5
-    ap_method: Literal["area", "voc07", "r101"] = "area"
-    min_step: float = 0.001
+    score_threshold: float = defaults.SCORE_THRESHOLD
+    nms_iou: float = defaults.NMS_IOU
+    match_iou: float = defaults.MATCH_IOU
+    ap_method: Literal["area", "voc07", "r101"] = defaults.AP_METHOD
+    min_step: float = defaults.MIN_STEP
     direction: Literal["nearest_improvement", "nearest_change", "both_summed"] = (
-        "nearest_improvement")
-    form: Literal["one_minus", "neg_log"] = "one_minus"
+        defaults.DIRECTION)
+    form: Literal["one_minus", "neg_log"] = defaults.FORM
     map_loss_weight: float = 1.0
     box_loss_weight: float = 1.0
     max_rois_per_image: int = 0
     memory: int = 0
     num_threads: int = 0
-    normalization: Literal["none", "nonzero", "per_class", "l1"] = "l1"
+    normalization: Literal["none", "nonzero", "per_class", "l1"] = defaults.NORMALIZATION
     lr: float | None = None
-    smoothing: Literal["none", "average", "perturbed"] = "none"
-    sigma: float = 0.03
-    samples: int = 8
+    smoothing: Literal["none", "average", "perturbed"] = defaults.SMOOTHING
+    sigma: float = defaults.SIGMA
+    samples: int = defaults.SAMPLES
     ranking_delta: float | None = None
 
 
@@ -278,12 +280,12 @@ class EvalConfig:
     ``train_split`` to ``metrics.json``: optimisation and generalisation, measured apart.
     """
 
-    score_threshold: float = 0.05
-    nms_iou: float = 0.3
+    score_threshold: float = defaults.SCORE_THRESHOLD
+    nms_iou: float = defaults.NMS_IOU
     max_per_image: int = 100
     metrics: list[str] = field(default_factory=lambda: ["voc07", "area"])
     convention: Literal["devkit", "continuous"] = "devkit"
-    match_iou: float = 0.5
+    match_iou: float = defaults.MATCH_IOU
     max_images: int = 0
     export_devkit: bool = True
     export_coco: bool = True

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mapdet import defaults as D
 from mapdet.core.ap import (
     GroundTruth,
     ap_from_labels,
@@ -233,7 +234,13 @@ class MAPLoss(nn.Module):
             (:mod:`mapdet.core.pseudograd`).
         form: ``"one_minus"`` (``1 - mAP``) or ``"neg_log"`` (``-log mAP``).
         normalization: ``"none"``, ``"nonzero"``, ``"per_class"`` or ``"l1"``: how the
-            gradient is scaled (module docstring); the loss value is unchanged.
+            gradient is scaled (module docstring); the loss value is unchanged. Default
+            ``"l1"``, the configuration's (``loss.normalization``), so ``MAPLoss()`` and
+            ``mapdet train ... train.loss=map`` train the same loss; ``"none"`` is the raw
+            pseudo-gradient times the form's factor.
+
+    Every default is :mod:`mapdet.defaults`'s, shared with :class:`mapdet.config.LossConfig`;
+    :meth:`from_config` builds the loss of a configuration's ``loss`` section.
         memory: number of past minibatches whose (detached) detections join the AP.
         distributed: gather every rank's windows (``torch.distributed`` must be
             initialised); the AP is the global batch's.
@@ -254,13 +261,13 @@ class MAPLoss(nn.Module):
     ``last_map`` their mean over the defined classes.
     """
 
-    def __init__(self, score_threshold: float = 0.05, nms_iou: float = 0.3,
-                 match_iou: float | Sequence[float] = 0.5, ap_method: str = "area",
-                 min_step: float = 1e-3, form: str = "one_minus", *, memory: int = 0,
+    def __init__(self, score_threshold: float = D.SCORE_THRESHOLD, nms_iou: float = D.NMS_IOU,
+                 match_iou: float | Sequence[float] = D.MATCH_IOU, ap_method: str = D.AP_METHOD,
+                 min_step: float = D.MIN_STEP, form: str = D.FORM, *, memory: int = 0,
                  distributed: bool = False, num_threads: int | None = None,
-                 normalization: str = "none", direction: str = "nearest_improvement",
-                 smoothing: str = "none", sigma: float = 0.03, samples: int = 8,
-                 seed: int = 0):
+                 normalization: str = D.NORMALIZATION, direction: str = D.DIRECTION,
+                 smoothing: str = D.SMOOTHING, sigma: float = D.SIGMA,
+                 samples: int = D.SAMPLES, seed: int = 0):
         super().__init__()
         if smoothing not in SMOOTHINGS:
             raise ValueError(f"smoothing must be one of {list(SMOOTHINGS)}, got {smoothing!r}")
@@ -300,6 +307,19 @@ class MAPLoss(nn.Module):
         self._memory: deque[Windows] = deque(maxlen=max(self.memory, 1))
         self.last_ap = np.zeros(0)
         self.last_map = float("nan")
+
+    @classmethod
+    def from_config(cls, lc, *, seed: int = 0, distributed: bool = False) -> MAPLoss:
+        """The loss of a configuration's ``loss`` section (:class:`mapdet.config.LossConfig`,
+        or any object with its attributes): thresholds, AP, pseudo-gradient rule and scaling,
+        form, memory, threads (``0``: all cores) and smoothing; ``seed`` seeds the smoothing's
+        draws (the CLI passes ``train.seed``), ``distributed`` gathers every rank's windows."""
+        return cls(score_threshold=lc.score_threshold, nms_iou=lc.nms_iou,
+                   match_iou=lc.match_iou, ap_method=lc.ap_method, min_step=lc.min_step,
+                   form=lc.form, memory=lc.memory, distributed=distributed,
+                   num_threads=lc.num_threads or None, normalization=lc.normalization,
+                   direction=lc.direction, smoothing=lc.smoothing, sigma=lc.sigma,
+                   samples=lc.samples, seed=seed)
 
     def extra_repr(self) -> str:
         return (f"score_threshold={self.score_threshold}, nms_iou={self.nms_iou}, "
@@ -457,8 +477,8 @@ class NMSAPLoss(nn.Module):
     :class:`MAPLoss`; ``last_ap``/``last_map`` hold the list's APs after a call.
     """
 
-    def __init__(self, score_threshold: float = 0.05, nms_iou: float = 0.3,
-                 match_iou: float = 0.5, delta: float = 1.0):
+    def __init__(self, score_threshold: float = D.SCORE_THRESHOLD, nms_iou: float = D.NMS_IOU,
+                 match_iou: float = D.MATCH_IOU, delta: float = 1.0):
         super().__init__()
         check_iou_threshold("nms_iou", nms_iou)
         if len(match_thresholds(match_iou)) != 1:

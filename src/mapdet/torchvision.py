@@ -80,7 +80,7 @@ SMALL_BOX_SIZE = 1e-2
 
 def use_map_loss(model: torch.nn.Module, *, max_proposals: int | None = None,
                  map_weight: float = 1.0, sparse_backward: bool = True, check_cap: bool = True,
-                 **map_loss_kwargs: Any) -> torch.nn.Module:
+                 loss: MAPLoss | None = None, **map_loss_kwargs: Any) -> torch.nn.Module:
     """Train ``model``'s RoI heads with :class:`mapdet.MAPLoss`; returns ``model`` (modified).
 
     Args:
@@ -95,9 +95,12 @@ def use_map_loss(model: torch.nn.Module, *, max_proposals: int | None = None,
         check_cap: count the images whose detections after NMS exceed
             ``detections_per_img`` (``last_capped_images``, a warning the first time): one
             extra NMS per image with more candidates than the cap; ``False`` skips it.
-        **map_loss_kwargs: :class:`mapdet.MAPLoss` options. ``score_threshold`` and
-            ``nms_iou`` may be given only when equal to the model's ``roi_heads.score_thresh``
-            and ``roi_heads.nms_thresh``: the loss always uses the model's values.
+        loss: a :class:`mapdet.MAPLoss` to use (e.g. ``MAPLoss.from_config(cfg.loss)``), its
+            thresholds equal to the model's; ``None``: one built from ``map_loss_kwargs``.
+        **map_loss_kwargs: :class:`mapdet.MAPLoss` options (without ``loss``). ``score_threshold``
+            and ``nms_iou`` may be given only when equal to the model's
+            ``roi_heads.score_thresh`` and ``roi_heads.nms_thresh``: the loss always uses the
+            model's values.
 
     Raises:
         TypeError: ``model`` has no torchvision ``RoIHeads`` at ``model.roi_heads``.
@@ -111,10 +114,15 @@ def use_map_loss(model: torch.nn.Module, *, max_proposals: int | None = None,
     if heads.has_mask() or heads.has_keypoint():
         raise ValueError("use_map_loss: mask and keypoint heads are not supported (their "
                          "losses need torchvision's sampled RoIs); use a plain FasterRCNN")
+    if loss is not None and map_loss_kwargs:
+        raise ValueError(f"use_map_loss: give either loss or MAPLoss options, not both "
+                         f"({', '.join(sorted(map_loss_kwargs))})")
+    given_values = map_loss_kwargs if loss is None else {
+        "score_threshold": loss.score_threshold, "nms_iou": loss.nms_iou}
     for key, attr, tv_name in (("score_threshold", "score_thresh", "box_score_thresh"),
                                ("nms_iou", "nms_thresh", "box_nms_thresh")):
-        if key in map_loss_kwargs:
-            given, own = float(map_loss_kwargs.pop(key)), float(getattr(heads, attr))
+        if key in given_values:
+            given, own = float(given_values.pop(key)), float(getattr(heads, attr))
             if given != own:
                 raise ValueError(
                     f"use_map_loss: {key}={given} differs from the model's roi_heads.{attr}="
@@ -122,8 +130,9 @@ def use_map_loss(model: torch.nn.Module, *, max_proposals: int | None = None,
                     f"so set {tv_name} when building the model instead")
     if max_proposals is not None and int(max_proposals) < 1:
         raise ValueError(f"use_map_loss: max_proposals must be >= 1 or None, got {max_proposals}")
-    loss = MAPLoss(score_threshold=heads.score_thresh, nms_iou=heads.nms_thresh,
-                   **map_loss_kwargs)
+    if loss is None:
+        loss = MAPLoss(score_threshold=heads.score_thresh, nms_iou=heads.nms_thresh,
+                       **map_loss_kwargs)
     if not isinstance(heads, MAPRoIHeads):
         base = type(heads)
         heads.__class__ = (MAPRoIHeads if base is RoIHeads else

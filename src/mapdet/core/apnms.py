@@ -32,6 +32,7 @@ from mapdet.core.fixed import FixedClass, FixedDetections, join_fixed
 from mapdet.core.gradkernel import N_STATS, base_detections, pseudo_gradient_kernel
 from mapdet.core.nms import detection_order
 from mapdet.core.pseudograd import IMPROVEMENT_TOL, SLOPE_RTOL, check_direction, check_min_step
+from mapdet.defaults import NMS_IOU, SCORE_THRESHOLD
 
 __all__ = ["ap_after_nms", "ap_pseudo_gradient", "ap_pseudo_gradient_multiclass",
            "class_problems", "solve_classes"]
@@ -153,7 +154,7 @@ def _check_number(name: str, value) -> float:
 
 def ap_after_nms(
     scores, boxes, image_ids, gt_boxes, gt_image_ids, gt_difficult=None, *,
-    score_threshold: float = 0.05, nms_iou: float = 0.3,
+    score_threshold: float = SCORE_THRESHOLD, nms_iou: float = NMS_IOU,
     match_iou: float | Sequence[float] = 0.5, ap_method: str = "area",
 ) -> float:
     """AP of one class after the detection function (threshold, order, per-image NMS).
@@ -182,7 +183,7 @@ def ap_after_nms(
 
 def ap_pseudo_gradient(
     scores, boxes, image_ids, gt_boxes, gt_image_ids, gt_difficult=None, *,
-    score_threshold: float = 0.05, nms_iou: float = 0.3,
+    score_threshold: float = SCORE_THRESHOLD, nms_iou: float = NMS_IOU,
     match_iou: float | Sequence[float] = 0.5, ap_method: str = "area",
     min_step: float = 1e-3, direction: str = "nearest_improvement",
 ) -> tuple[float, np.ndarray]:
@@ -234,7 +235,7 @@ def _solve(p: _ClassProblem, grad_rows: int | None = None, stats: np.ndarray | N
 
 def ap_pseudo_gradient_multiclass(
     scores, boxes, image_ids, gt_boxes, gt_labels, gt_image_ids, gt_difficult=None, *,
-    score_threshold: float = 0.05, nms_iou: float = 0.3,
+    score_threshold: float = SCORE_THRESHOLD, nms_iou: float = NMS_IOU,
     match_iou: float | Sequence[float] = 0.5, ap_method: str = "area",
     min_step: float = 1e-3, num_threads: int | None = None, grad_rows: int | None = None,
     direction: str = "nearest_improvement", fixed: Sequence[FixedDetections] = (),

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mapdet.core.apnms import class_problems, solve_classes
+from mapdet.defaults import NMS_IOU, SCORE_THRESHOLD
 
 __all__ = ["APBlame", "ap_blame"]
 
@@ -75,7 +76,7 @@ class APBlame:
 
 def ap_blame(
     scores, boxes, image_ids, gt_boxes, gt_labels, gt_image_ids, gt_difficult=None, *,
-    score_threshold: float = 0.05, nms_iou: float = 0.3,
+    score_threshold: float = SCORE_THRESHOLD, nms_iou: float = NMS_IOU,
     match_iou: float | Sequence[float] = 0.5, ap_method: str = "area",
     min_step: float = 1e-3, num_threads: int | None = None,
 ) -> APBlame:

@@ -30,6 +30,7 @@ from numba import njit
 
 from mapdet.core.ap import GroundTruth, ap_weights, best_ground_truth, match_thresholds
 from mapdet.core.boxes import as_boxes
+from mapdet.defaults import NMS_IOU, SCORE_THRESHOLD
 
 __all__ = ["perturbed_ap_gradient", "perturbed_aps", "perturbed_aps_reference",
            "perturbed_gradient_multiclass"]
@@ -117,7 +118,7 @@ def _problem(boxes, image_ids, gt_boxes, gt_image_ids, gt_difficult, match_iou, 
 
 def perturbed_aps(
     scores, boxes, image_ids, gt_boxes, gt_image_ids, gt_difficult=None, *,
-    score_threshold: float = 0.05, nms_iou: float = 0.3,
+    score_threshold: float = SCORE_THRESHOLD, nms_iou: float = NMS_IOU,
     match_iou: float | Sequence[float] = 0.5, ap_method: str = "area",
 ) -> np.ndarray:
     """AP after NMS of one class for each row of ``scores (S, N)`` (the windows' boxes and the
@@ -150,7 +151,8 @@ def perturbed_aps_reference(scores, boxes, image_ids, gt_boxes, gt_image_ids,
 
 def perturbed_ap_gradient(
     scores, boxes, image_ids, gt_boxes, gt_image_ids, gt_difficult=None, *,
-    noise: np.ndarray, sigma: float, score_threshold: float = 0.05, nms_iou: float = 0.3,
+    noise: np.ndarray, sigma: float, score_threshold: float = SCORE_THRESHOLD,
+    nms_iou: float = NMS_IOU,
     match_iou: float | Sequence[float] = 0.5, ap_method: str = "area", aps=perturbed_aps,
 ) -> np.ndarray:
     """The antithetic perturbed-optimizer estimate of ``grad E_z[AP(s + sigma z)]`` for one
@@ -187,7 +189,8 @@ def perturbed_ap_gradient(
 
 def perturbed_gradient_multiclass(
     scores, boxes, image_ids, gt_boxes, gt_labels, gt_image_ids, gt_difficult=None, *,
-    noise: np.ndarray, sigma: float, score_threshold: float = 0.05, nms_iou: float = 0.3,
+    noise: np.ndarray, sigma: float, score_threshold: float = SCORE_THRESHOLD,
+    nms_iou: float = NMS_IOU,
     match_iou: float | Sequence[float] = 0.5, ap_method: str = "area",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-class APs (unperturbed) and :func:`perturbed_ap_gradient` for ``K`` classes.

@@ -20,13 +20,14 @@ from mapdet.core.pseudograd import (
     check_min_step,
     pseudo_partial,
 )
+from mapdet.defaults import NMS_IOU, SCORE_THRESHOLD
 
 __all__ = ["ap_after_nms_reference", "ap_pseudo_gradient_reference", "edited_ap_reference"]
 
 
 def ap_after_nms_reference(
     scores, boxes, image_ids, gt_boxes, gt_image_ids, gt_difficult=None, *,
-    score_threshold: float = 0.05, nms_iou: float = 0.3,
+    score_threshold: float = SCORE_THRESHOLD, nms_iou: float = NMS_IOU,
     match_iou: float | Sequence[float] = 0.5, ap_method: str = "area",
 ) -> float:
     """Detection function (threshold, order, greedy per-image NMS) followed by AP."""
@@ -42,7 +43,7 @@ def ap_after_nms_reference(
 
 def ap_pseudo_gradient_reference(
     scores, boxes, image_ids, gt_boxes, gt_image_ids, gt_difficult=None, *,
-    score_threshold: float = 0.05, nms_iou: float = 0.3,
+    score_threshold: float = SCORE_THRESHOLD, nms_iou: float = NMS_IOU,
     match_iou: float | Sequence[float] = 0.5, ap_method: str = "area",
     min_step: float = 1e-3, tol: float = IMPROVEMENT_TOL,
     direction: str = "nearest_improvement",

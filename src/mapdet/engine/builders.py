@@ -219,12 +219,7 @@ def build_criterion(cfg: Config, *, distributed: bool = False, model=None):
 
     if cfg.model.arch == "faster_rcnn":
         return _faster_rcnn_criterion(cfg, distributed, model)
-    return MAPLoss(score_threshold=lc.score_threshold, nms_iou=lc.nms_iou,
-                   match_iou=lc.match_iou, ap_method=lc.ap_method, min_step=lc.min_step,
-                   form=lc.form, memory=lc.memory, distributed=distributed,
-                   num_threads=lc.num_threads or None, normalization=lc.normalization,
-                   direction=lc.direction, smoothing=lc.smoothing, sigma=lc.sigma,
-                   samples=lc.samples, seed=cfg.train.seed)
+    return MAPLoss.from_config(lc, seed=cfg.train.seed, distributed=distributed)
 
 
 def _faster_rcnn_criterion(cfg: Config, distributed: bool, model):
@@ -242,12 +237,11 @@ def _faster_rcnn_criterion(cfg: Config, distributed: bool, model):
     if lc.box_loss_weight != 1.0:
         raise ConfigError("loss.box_loss_weight: Fast R-CNN only (arch faster_rcnn keeps "
                           "torchvision's box loss, loss_box_reg)")
+    from mapdet import MAPLoss
+
     use_map_loss(model, max_proposals=lc.max_rois_per_image or None,
-                 map_weight=lc.map_loss_weight, match_iou=lc.match_iou,
-                 ap_method=lc.ap_method, min_step=lc.min_step, form=lc.form,
-                 memory=lc.memory, distributed=distributed,
-                 num_threads=lc.num_threads or None, normalization=lc.normalization,
-                 direction=lc.direction)
+                 map_weight=lc.map_loss_weight,
+                 loss=MAPLoss.from_config(lc, seed=cfg.train.seed, distributed=distributed))
     return model.roi_heads.map_loss
 
 

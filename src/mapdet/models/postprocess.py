@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import torch
 from torchvision.ops import batched_nms
 
+from mapdet.defaults import NMS_IOU, SCORE_THRESHOLD
 from mapdet.models.box_coder import DEFAULT_WEIGHTS, decode
 
 __all__ = ["class_specific_boxes", "detect"]
@@ -69,8 +70,8 @@ def detect(
     rois: torch.Tensor,
     image_size: tuple[int, int],
     *,
-    score_threshold: float = 0.05,
-    nms_iou: float = 0.3,
+    score_threshold: float = SCORE_THRESHOLD,
+    nms_iou: float = NMS_IOU,
     max_per_image: int | None = 100,
     weights: Sequence[float] = DEFAULT_WEIGHTS,
 ) -> dict[str, torch.Tensor]:
