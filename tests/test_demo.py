@@ -1,4 +1,4 @@
-"""``mapdet demo --quick`` end to end, and the embedded config."""
+"""``mapdet demo --quick`` end to end, and the packaged config."""
 
 from __future__ import annotations
 
@@ -14,8 +14,16 @@ from mapdet.engine.demo import default_config
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def test_embedded_config_matches_configs_digits_yaml():
-    assert default_config() == load_config(CONFIGS / "digits.yaml")
+def test_the_demo_reads_the_packaged_digits_yaml_that_configs_links_to():
+    import mapdet
+
+    packaged = Path(mapdet.__file__).parent / "configs" / "digits.yaml"
+    assert (CONFIGS / "digits.yaml").resolve() == packaged.resolve()
+    cfg = default_config(["train.iterations=7"])
+    assert cfg == load_config(packaged, ["train.iterations=7"])
+    assert (cfg.data.kind, cfg.model.backbone, cfg.train.iterations, cfg.train.lr) == (
+        "digits", "small", 7, 0.02)
+    assert cfg.data.digits["num_train"] == 1200 and cfg.data.digits["num_test"] == 200
 
 
 @pytest.mark.slow

@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a smaller, faster run (tests)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
     p.add_argument("--config", type=Path, default=None,
-                   help="base config (default: the embedded configs/digits.yaml)")
+                   help="base config (default: configs/digits.yaml, shipped in the package)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     _add_common(p)
     return parser

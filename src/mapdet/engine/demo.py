@@ -11,7 +11,7 @@ Steps (each logged with its wall time):
 4. evaluate the baseline and both models on the test split (VOC07 and area mAP, per class);
 5. print a table and write ``results.json``, PR curves and detection pictures.
 
-The configuration is the embedded :data:`DIGITS_YAML` (the same as ``configs/digits.yaml``);
+The configuration is ``configs/digits.yaml``, shipped in the package (:data:`DIGITS_CONFIG`);
 ``quick`` shrinks the data set and the iteration counts for tests (about 2 minutes on 2 CPU
 cores; the full demo, 1200 training and 200 test images, about 10).
 """
@@ -25,6 +25,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -41,85 +42,13 @@ from mapdet.engine.evaluate import (
 )
 from mapdet.engine.train import train
 
-__all__ = ["DIGITS_YAML", "DemoResult", "default_config", "run_demo"]
+__all__ = ["DIGITS_CONFIG", "DemoResult", "default_config", "run_demo"]
 
 log = logging.getLogger(__name__)
 
-#: The embedded default configuration (kept identical to ``configs/digits.yaml`` by a test).
-DIGITS_YAML = """\
-# The embedded benchmark: handwritten digits in clutter (mapdet.data.digits), CPU-sized.
-# `mapdet demo` trains the softmax baseline with this config, then continues it with
-# train.loss=softmax and fine-tunes it with train.loss=map for the same number of iterations.
-data:
-  kind: digits
-  root: data/digits
-  train_split: train
-  test_split: test
-  scale: 160            # the images are 160 px square: no resizing
-  max_size: 160
-  flip: false           # digits are not mirror-symmetric
-  num_workers: 0
-  digits:
-    num_train: 1200       # 3000 iterations of 2 images: 5 epochs, so train and test mAP stay
-    num_test: 200         # close (400 images, 15 epochs: 68.9 vs 42.7 VOC07)
-    image_size: 160
-    seed: 0
-    scale_range: [0.12, 0.45]     # digit ink height / image side (default 0.08-0.45)
-    contrast_range: [0.35, 0.85]  # (default 0.25-0.8); both tuned for a baseline mAP ~0.45
-                                  # (at 400 training images)
-proposals:
-  method: selective_search
-  cache_dir: cache/proposals
-  mode: fast
-  max_per_image: 2000
-  min_size: 4.0
-  num_workers: 2
-model:
-  backbone: small
-  roi_op: pool
-  pretrained: false
-  fc_dim: 256
-  dropout: 0.0
-train:
-  loss: softmax
-  iterations: 3000
-  images_per_batch: 2
-  rois_per_image: 64
-  fg_fraction: 0.25
-  lr: 0.02
-  momentum: 0.9
-  weight_decay: 0.0001
-  lr_steps: [2400]
-  lr_gamma: 0.1
-  warmup_iterations: 50
-  checkpoint_every: 500
-  log_every: 20
-  seed: 0
-  deterministic: false
-  device: cpu
-  threads: 1            # intra-op threads: on 2 cores, 1 runs the demo faster than 2
-loss:
-  score_threshold: 0.05
-  nms_iou: 0.3
-  match_iou: 0.5
-  ap_method: area
-  min_step: 0.001
-  form: one_minus
-  map_loss_weight: 1.0
-  box_loss_weight: 1.0
-  max_rois_per_image: 0
-eval:
-  score_threshold: 0.05
-  nms_iou: 0.3
-  max_per_image: 100
-  metrics: [voc07, area]
-  convention: devkit
-  num_vis: 4
-  vis_threshold: 0.5
-output:
-  dir: runs
-  tensorboard: true
-"""
+#: The digits configuration, shipped in the package (``mapdet/configs/digits.yaml``;
+#: ``configs/digits.yaml`` in a checkout is a link to it).
+DIGITS_CONFIG = "configs/digits.yaml"
 
 
 @dataclass(frozen=True)
@@ -158,8 +87,9 @@ QUICK = DemoPlan(
 
 
 def default_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The embedded digits configuration with ``overrides``."""
-    return apply_overrides(config_from_dict(yaml.safe_load(DIGITS_YAML)), overrides).validate()
+    """The packaged digits configuration (:data:`DIGITS_CONFIG`) with ``overrides``."""
+    text = resources.files("mapdet").joinpath(DIGITS_CONFIG).read_text(encoding="utf-8")
+    return apply_overrides(config_from_dict(yaml.safe_load(text)), overrides).validate()
 
 
 @dataclass
