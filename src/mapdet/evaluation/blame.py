@@ -187,7 +187,7 @@ def blame_classes(
         boxes_out: per class, the boxes to report (default: those of ``classes``).
     """
     from mapdet.core.blame import ap_blame  # numba: only when blaming
-    from mapdet.evaluation.voc import devkit_threshold
+    from mapdet.evaluation.voc_scoring import devkit_threshold
 
     devkit = convention == "devkit"
     theta = devkit_threshold(match_iou) if devkit else float(match_iou)

@@ -14,14 +14,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from mapdet.evaluation.voc import EvalResult
+__all__ = ["PerClassResult", "format_cell", "format_per_class", "format_table"]
 
-__all__ = ["format_cell", "format_per_class", "format_table"]
+
+class PerClassResult(Protocol):
+    """What :func:`format_per_class` reads of a result (e.g. an
+    :class:`~mapdet.evaluation.voc.EvalResult`): a leaf of the evaluation package, so it
+    imports none of its scorers."""
+
+    per_class: Mapping[str, float]
+    mAP: float
 
 
 def format_cell(value: object, decimals: int = 1) -> str:
@@ -76,7 +82,7 @@ def format_table(
 
 
 def format_per_class(
-    results: Mapping[str, EvalResult],
+    results: Mapping[str, PerClassResult],
     *,
     scale: float = 100.0,
     decimals: int = 1,
@@ -85,7 +91,8 @@ def format_per_class(
     """Per-class AP table: classes as rows, one column per method, ``mAP`` at the bottom.
 
     Args:
-        results: method name -> :class:`~mapdet.evaluation.voc.EvalResult`.
+        results: method name -> a result with ``per_class`` and ``mAP`` (an
+            :class:`~mapdet.evaluation.voc.EvalResult`).
         scale: multiplies the APs (100 for percent, 1 for fractions).
         decimals: digits shown.
         class_names: the rows, in order (default: the classes of the results, in the order

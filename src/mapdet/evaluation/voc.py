@@ -78,7 +78,7 @@ from mapdet.evaluation.voc_results import (
     read_result_file_indexed,
     result_paths,
 )
-from mapdet.evaluation.voc_scoring import ClassGroundTruth, score_class
+from mapdet.evaluation.voc_scoring import ClassGroundTruth, devkit_threshold, score_class
 
 __all__ = [
     "CONVENTIONS",
@@ -198,15 +198,6 @@ class EvalResult:
 
 def _json_float(x: float) -> float | None:
     return None if math.isnan(x) else float(x)
-
-
-def devkit_threshold(match_iou: float = 0.5) -> float:
-    """The core threshold that reproduces the devkit's strict ``IoU > match_iou``.
-
-    The core matches on ``IoU >= theta``; for float64 values, ``IoU > t`` holds exactly when
-    ``IoU >= nextafter(t, +inf)``.
-    """
-    return float(np.nextafter(float(match_iou), np.inf))
 
 
 # -- scoring -------------------------------------------------------------------------------

@@ -145,13 +145,6 @@ def _token_bounds(space: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return edges[0::2].copy(), edges[1::2].copy()
 
 
-def _counts(mask: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """``(T,)`` number of true entries of ``mask (L,)`` in each ``[starts[t], ends[t])``."""
-    c = np.zeros(mask.size + 1, dtype=np.int32)
-    np.cumsum(mask, out=c[1:])
-    return (c[ends] - c[starts]).astype(np.int64)
-
-
 def _eight_digits(words: np.ndarray) -> np.ndarray:
     """The integers of 8 decimal digits packed in each uint64 (byte ``i`` holds digit ``i``
     as a value 0..9, the first byte the most significant): three multiply-and-shift steps

@@ -39,7 +39,17 @@ import numpy as np
 from mapdet.core.ap import FP, IGNORED, TP, ap_from_labels, ap_weights
 from mapdet.core.nms import detection_order
 
-__all__ = ["ClassGroundTruth", "best_ground_truth", "label_detections", "score_class"]
+__all__ = ["ClassGroundTruth", "best_ground_truth", "devkit_threshold", "label_detections",
+           "score_class"]
+
+
+def devkit_threshold(match_iou: float = 0.5) -> float:
+    """The core threshold that reproduces the devkit's strict ``IoU > match_iou``.
+
+    The core matches on ``IoU >= theta``; for float64 values, ``IoU > t`` holds exactly when
+    ``IoU >= nextafter(t, +inf)``.
+    """
+    return float(np.nextafter(float(match_iou), np.inf))
 
 
 @dataclass
