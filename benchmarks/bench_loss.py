@@ -45,11 +45,11 @@ os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 from mapdet.core.apnms import (  # noqa: E402
-    _ClassProblem,
-    _solve,
     ap_after_nms,
     ap_pseudo_gradient,
     ap_pseudo_gradient_multiclass,
+    class_problem,
+    solve_class,
 )
 from mapdet.core.gradkernel import N_STATS  # noqa: E402
 from mapdet.core.reference import ap_pseudo_gradient_reference  # noqa: E402
@@ -170,7 +170,7 @@ def part_scaling(args, rows, result):
                  lambda: ap_pseudo_gradient(*inputs, match_iou=thr)],  # noqa: B023
                 args.repeats)
             stats = np.zeros(N_STATS, dtype=np.int64)
-            _solve(_ClassProblem(*inputs, 0.05, 0.3, thr, "area", 1e-3), None, stats)
+            solve_class(class_problem(*inputs, match_iou=thr, min_step=1e-3), None, stats)
             base = base or grad
             rows.append((f"one class, N = {n:>6,} ({int((inputs[0] > 0.05).sum()):,} "
                          f"candidates), {thr_name}",

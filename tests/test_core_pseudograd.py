@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from strategies import detection_instances
 
 from mapdet import ap_pseudo_gradient
-from mapdet.core.apnms import _ClassProblem, _solve, ap_pseudo_gradient_multiclass
+from mapdet.core.apnms import ap_pseudo_gradient_multiclass, class_problem, solve_class
 from mapdet.core.gradkernel import N_STATS
 from mapdet.core.reference import ap_pseudo_gradient_reference
 from mapdet.core.synthetic import proposal_like_outputs
@@ -167,10 +167,9 @@ def test_recorded_cascade_is_reused_only_when_it_is_provably_the_same(i1_first):
     scores = np.array([0.9, 0.8, 0.01, 0.02, 0.03])
     args = (scores, boxes, [0] * 5, [z], [0])
     kw = dict(score_threshold=0.05, nms_iou=0.3, min_step=1e-3)
-    p = _ClassProblem(*args, None, kw["score_threshold"], kw["nms_iou"], 0.5, "area",
-                      kw["min_step"])
+    p = class_problem(*args, None, match_iou=0.5, ap_method="area", **kw)
     stats = np.zeros(N_STATS, dtype=np.int64)
-    ap, g = _solve(p, None, stats)
+    ap, g = solve_class(p, None, stats)
     ap_ref, g_ref = ap_pseudo_gradient_reference(*args, **kw)
     assert ap == ap_ref == 0.0
     np.testing.assert_allclose(g, g_ref, rtol=0, atol=1e-12)
@@ -198,10 +197,10 @@ def test_windows_that_cannot_change_the_ap_are_skipped(fp_on_top):
     args = (np.array(scores), np.array(boxes, dtype=float), img, [obj], [0])
     kw = dict(score_threshold=0.05, nms_iou=0.3, min_step=1e-3)
     for direction in ("nearest_improvement", "both_summed", "nearest_change"):
-        p = _ClassProblem(*args, None, kw["score_threshold"], kw["nms_iou"], 0.5, "area",
-                          kw["min_step"], direction=direction)
+        p = class_problem(*args, None, match_iou=0.5, ap_method="area", direction=direction,
+                          **kw)
         stats = np.zeros(N_STATS, dtype=np.int64)
-        ap, g = _solve(p, None, stats)
+        ap, g = solve_class(p, None, stats)
         ap_ref, g_ref = ap_pseudo_gradient_reference(*args, direction=direction, **kw)
         assert ap == pytest.approx(ap_ref)
         np.testing.assert_allclose(g, g_ref, rtol=0, atol=1e-12)
@@ -227,6 +226,6 @@ def test_window_below_the_last_tp_is_not_skipped_when_it_can_release_a_tp():
 
 def test_counter_array_of_the_wrong_size_is_refused():
     # The kernel writes its counters without bounds checks: a short array would corrupt memory.
-    p = _ClassProblem([0.5], [BOX], [0], [BOX], [0], None, 0.05, 0.3, 0.5, "area", 1e-3)
+    p = class_problem([0.5], [BOX], [0], [BOX], [0], None, min_step=1e-3)
     with pytest.raises(ValueError, match="stats must be int64 of shape"):
-        _solve(p, None, np.zeros(4, dtype=np.int64))
+        solve_class(p, None, np.zeros(4, dtype=np.int64))

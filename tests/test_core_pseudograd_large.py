@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from linear_kernel import ap_pseudo_gradient_multiclass as linear_multiclass
 from strategies import detection_instances
 
-from mapdet.core.apnms import _ClassProblem, _solve, ap_pseudo_gradient_multiclass
+from mapdet.core.apnms import ap_pseudo_gradient_multiclass, class_problem, solve_class
 from mapdet.core.gradkernel import N_STATS
 from mapdet.core.reference import ap_pseudo_gradient_reference
 from mapdet.core.synthetic import proposal_like_outputs
@@ -62,10 +62,11 @@ def test_shared_cascades_on_dense_clusters_equal_linear_kernel(seed, nms_iou, ma
                               objects_per_image=(1, 3), seed=seed)
     args = (o.probs[:, 0], o.boxes[:, 0], o.image_ids, o.gt_boxes, o.gt_image_ids,
             o.gt_difficult)
-    p = _ClassProblem(*args, 0.05, nms_iou, match_iou, "area", 1e-3)
+    p = class_problem(*args, score_threshold=0.05, nms_iou=nms_iou, match_iou=match_iou,
+                      ap_method="area", min_step=1e-3)
     assume(p.npos > 0)  # (all objects difficult: the AP is undefined, nothing runs)
     stats = np.zeros(N_STATS, dtype=np.int64)
-    ap, g = _solve(p, None, stats)
+    ap, g = solve_class(p, None, stats)
     aps_l, g_l = linear_multiclass(o.probs[:, :1], o.boxes[:, :1], o.image_ids, o.gt_boxes,
                                    o.gt_labels, o.gt_image_ids, o.gt_difficult,
                                    nms_iou=nms_iou, match_iou=match_iou, num_threads=1)
@@ -87,7 +88,7 @@ def test_several_thresholds_cost_about_the_queries_of_one():
     queries = {}
     for name, thr in (("one", 0.5), ("coco", COCO)):
         stats = np.zeros(N_STATS, dtype=np.int64)
-        _solve(_ClassProblem(*args, 0.05, 0.3, thr, "area", 1e-3), None, stats)
+        solve_class(class_problem(*args, match_iou=thr, min_step=1e-3), None, stats)
         queries[name] = stats[0]
         if name == "coco":
             assert stats[1] > 500  # the non-monotone walks this is about

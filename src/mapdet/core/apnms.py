@@ -34,62 +34,41 @@ from mapdet.core.nms import detection_order
 from mapdet.core.pseudograd import IMPROVEMENT_TOL, SLOPE_RTOL, check_direction, check_min_step
 from mapdet.defaults import NMS_IOU, SCORE_THRESHOLD
 
-__all__ = ["ap_after_nms", "ap_pseudo_gradient", "ap_pseudo_gradient_multiclass",
-           "class_problems", "solve_classes"]
+__all__ = ["ClassProblem", "ap_after_nms", "ap_pseudo_gradient", "ap_pseudo_gradient_multiclass",
+           "class_problem", "class_problems", "solve_class", "solve_classes"]
 
 
 # ----------------------------------------------------------------------------- inputs
 
 
-class _ClassProblem:
-    """Validated inputs of one class, in the integer form the kernels take.
+class ClassProblem:
+    """One class's checked inputs in the integer form the kernels take.
 
-    ``shared``: what :func:`class_problems` computes once for all classes (the boxes already
-    checked; ``image_ids`` int64, dense image ids, their count, :func:`image_groups`)."""
+    Built from raw inputs by :func:`class_problem` (one class, every input checked) or
+    :func:`class_problems` (every class of a minibatch, the shared inputs checked once);
+    both call this constructor with inputs already checked. Solved by :func:`solve_class`.
 
-    def __init__(self, scores, boxes, image_ids, gt_boxes, gt_image_ids, gt_difficult,
-                 score_threshold, nms_iou, match_iou, ap_method, min_step=None, shared=None,
-                 direction="nearest_improvement"):
-        cfg = _Settings.check(score_threshold, nms_iou, match_iou, ap_method, min_step,
-                              direction)
-        scores = np.asarray(scores, dtype=np.float64)
-        if scores.ndim != 1:
-            raise ValueError(f"scores must have shape (N,), got {scores.shape}")
-        check_finite("scores", scores)
-        n = scores.shape[0]
-        if shared is None:
-            boxes = np.ascontiguousarray(as_boxes("boxes", boxes, n))
-            image_ids = as_integers("image_ids", image_ids)
-            if image_ids.shape[0] != n:
-                raise ValueError(f"image_ids has {image_ids.shape[0]} entries, scores has {n}")
-            image_ids = image_ids.astype(np.int64)
-            dense_img, n_img = _dense_images(image_ids)
-            groups = None
-        else:
-            boxes = np.ascontiguousarray(boxes)
-            image_ids, dense_img, n_img, groups = shared
-        gt = GroundTruth(gt_boxes, gt_image_ids, gt_difficult)
-        self._derive(cfg, scores, boxes, image_ids, dense_img, n_img, gt, groups)
+    Args:
+        cfg: the checked settings (:meth:`_Settings.check`).
+        scores: ``(N,)`` float64, finite; boxes: ``(N, 4)`` C-contiguous float64 xyxy;
+            image_ids: ``(N,)`` int64 with ``dense_img (N,)`` their numbers ``0..n_img-1``.
+        gt: the class's ground truth; groups: :func:`image_groups` of ``image_ids`` (or
+            ``None``).
+        fixed: parts of earlier minibatches appended after these windows
+            (:func:`mapdet.core.fixed.join_fixed`); they are never queried.
+        rows: ``(N,)`` the rows of the minibatch these windows are, when a subset
+            (``None``: all ``n_all`` rows, in order); n_all: the minibatch's windows
+            (default ``N``).
+    """
 
-    @classmethod
-    def assemble(cls, cfg: _Settings, scores: np.ndarray, boxes: np.ndarray,
+    def __init__(self, cfg: _Settings, scores: np.ndarray, boxes: np.ndarray,
                  image_ids: np.ndarray, dense_img: np.ndarray, n_img: int, gt: GroundTruth,
-                 groups, fixed: Sequence[FixedClass] = ()) -> _ClassProblem:
-        """The problem of one class from inputs already checked once for all classes
-        (:func:`class_problems`): ``scores (N,)`` and ``boxes (N, 4)`` C-contiguous float64,
-        ``image_ids (N,)`` int64 with their dense numbers and :func:`image_groups`, ``gt``
-        the class's ground truth. ``fixed``: parts of earlier minibatches appended after
-        these windows (:func:`mapdet.core.fixed.join_fixed`); they are never queried."""
-        p = cls.__new__(cls)
-        p._derive(cfg, scores, boxes, image_ids, dense_img, n_img, gt, groups, fixed)
-        return p
-
-    def _derive(self, cfg: _Settings, scores, boxes, image_ids, dense_img, n_img,
-                gt: GroundTruth, groups, fixed: Sequence[FixedClass] = ()) -> None:
-        """Fill the problem from checked inputs (:meth:`assemble`'s arguments)."""
+                 groups=None, fixed: Sequence[FixedClass] = (), rows: np.ndarray | None = None,
+                 n_all: int | None = None):
         self.direction, self.thetas, self.tau, self.nu = cfg.direction, cfg.thetas, cfg.tau, cfg.nu
-        if cfg.mu is not None:
-            self.mu = cfg.mu
+        self.mu = cfg.mu
+        self.rows = rows
+        self.n_all = scores.size if n_all is None else int(n_all)
         self.scores, self.boxes, self.image_ids = scores, boxes, image_ids
         self.npos = gt.npos + sum(f.npos for f in fixed)
         self.gt_difficult = gt.difficult
@@ -106,6 +85,30 @@ class _ClassProblem:
         self.order = detection_order(self.scores, self.tau)
         self.rank = np.full(self.scores.size, -1, dtype=np.int64)
         self.rank[self.order] = np.arange(self.order.size)
+
+
+def class_problem(scores, boxes, image_ids, gt_boxes, gt_image_ids, gt_difficult=None, *,
+                  score_threshold: float = SCORE_THRESHOLD, nms_iou: float = NMS_IOU,
+                  match_iou: float | Sequence[float] = 0.5, ap_method: str = "area",
+                  min_step: float | None = None,
+                  direction: str = "nearest_improvement") -> ClassProblem:
+    """The :class:`ClassProblem` of one class from raw inputs (arguments as
+    :func:`ap_pseudo_gradient`; ``min_step=None``: the AP only, no gradient), every input
+    checked with a one-line error."""
+    cfg = _Settings.check(score_threshold, nms_iou, match_iou, ap_method, min_step, direction)
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 1:
+        raise ValueError(f"scores must have shape (N,), got {scores.shape}")
+    check_finite("scores", scores)
+    n = scores.shape[0]
+    boxes = np.ascontiguousarray(as_boxes("boxes", boxes, n))
+    image_ids = as_integers("image_ids", image_ids)
+    if image_ids.shape[0] != n:
+        raise ValueError(f"image_ids has {image_ids.shape[0]} entries, scores has {n}")
+    image_ids = image_ids.astype(np.int64)
+    dense_img, n_img = _dense_images(image_ids)
+    gt = GroundTruth(gt_boxes, gt_image_ids, gt_difficult)
+    return ClassProblem(cfg, scores, boxes, image_ids, dense_img, n_img, gt)
 
 
 class _Settings(NamedTuple):
@@ -173,8 +176,9 @@ def ap_after_nms(
     Returns:
         AP in ``[0, 1]``; NaN when there is no non-difficult ground truth.
     """
-    p = _ClassProblem(scores, boxes, image_ids, gt_boxes, gt_image_ids, gt_difficult,
-                      score_threshold, nms_iou, match_iou, ap_method)
+    p = class_problem(scores, boxes, image_ids, gt_boxes, gt_image_ids, gt_difficult,
+                      score_threshold=score_threshold, nms_iou=nms_iou, match_iou=match_iou,
+                      ap_method=ap_method)
     if p.npos == 0:
         return float("nan")
     det = base_detections(p.order, p.dense_img, p.n_img, p.boxes, p.nu, p.scores.size)[0]
@@ -200,14 +204,14 @@ def ap_pseudo_gradient(
         pseudo-partial derivative of the AP along each window's score (zeros when the AP
         is undefined). Ascending ``grad`` raises the AP.
     """
-    p = _ClassProblem(scores, boxes, image_ids, gt_boxes, gt_image_ids, gt_difficult,
-                      score_threshold, nms_iou, match_iou, ap_method, min_step,
-                      direction=direction)
-    return _solve(p)
+    p = class_problem(scores, boxes, image_ids, gt_boxes, gt_image_ids, gt_difficult,
+                      score_threshold=score_threshold, nms_iou=nms_iou, match_iou=match_iou,
+                      ap_method=ap_method, min_step=min_step, direction=direction)
+    return solve_class(p)
 
 
-def _solve(p: _ClassProblem, grad_rows: int | None = None, stats: np.ndarray | None = None,
-           gain: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+def solve_class(p: ClassProblem, grad_rows: int | None = None, stats: np.ndarray | None = None,
+                gain: np.ndarray | None = None) -> tuple[float, np.ndarray]:
     """Run the kernel on one checked class; ``stats (N_STATS,)`` int64 accumulates the kernel's
     counters and ``gain (N,)`` receives the AP gains (see
     :func:`mapdet.core.gradkernel.pseudo_gradient_kernel`)."""
@@ -277,7 +281,7 @@ def ap_pseudo_gradient_multiclass(
 def class_problems(scores, boxes, image_ids, gt_boxes, gt_labels, gt_image_ids,
                    gt_difficult=None, *, score_threshold, nms_iou, match_iou, ap_method,
                    min_step, grad_rows=None, direction="nearest_improvement",
-                   fixed: Sequence[FixedDetections] = ()) -> list[_ClassProblem]:
+                   fixed: Sequence[FixedDetections] = ()) -> list[ClassProblem]:
     """Check the ``K``-class inputs (as :func:`ap_pseudo_gradient_multiclass`) and split them
     into one problem per class.
 
@@ -287,7 +291,7 @@ def class_problems(scores, boxes, image_ids, gt_boxes, gt_labels, gt_image_ids,
     (on each problem) maps its windows back, ``None`` when all are kept.
 
     ``fixed``: :class:`mapdet.core.fixed.FixedDetections` of earlier minibatches, appended
-    to every class's problem after these windows (:meth:`_ClassProblem.assemble`); they are
+    to every class's problem after these windows (:class:`ClassProblem`'s ``fixed``); they are
     never queried and their rows are not returned. ``grad_rows`` must be ``None`` (or ``N``)
     then."""
     scores = np.asarray(scores, dtype=np.float64)
@@ -350,35 +354,30 @@ def class_problems(scores, boxes, image_ids, gt_boxes, gt_labels, gt_image_ids,
             rows = np.concatenate([np.arange(head), head + np.flatnonzero(scores[head:, c] > tau)])
         if rows is None or rows.size == n:
             gt = GroundTruth.checked(gt_boxes[sel], gt_image_ids[sel], difficult[sel])
-            p = _ClassProblem.assemble(cfg, scores_t[c],
-                                       boxes_shared if boxes_t is None else boxes_t[c], ids,
-                                       dense, n_img, gt, shared[3], [f.classes[c] for f in fixed])
-            p.rows = None
+            p = ClassProblem(cfg, scores_t[c], boxes_shared if boxes_t is None else boxes_t[c],
+                             ids, dense, n_img, gt, shared[3], [f.classes[c] for f in fixed])
         else:
             sub = ids[rows]
             dense_s, n_img_s = _dense_images(sub)
-            p = _ClassProblem(scores[rows, c], box_c[rows], sub, gt_boxes[sel],
-                              gt_image_ids[sel], difficult[sel], score_threshold, nms_iou,
-                              match_iou, ap_method, min_step,
-                              (sub, dense_s, n_img_s, image_groups(sub)), direction)
-            p.rows = rows
-        p.n_all = n
+            gt = GroundTruth(gt_boxes[sel], gt_image_ids[sel], difficult[sel])
+            p = ClassProblem(cfg, scores[rows, c], np.ascontiguousarray(box_c[rows]), sub,
+                             dense_s, n_img_s, gt, image_groups(sub), rows=rows, n_all=n)
         problems.append(p)
     return problems
 
 
-def solve_classes(problems: list[_ClassProblem], num_threads: int | None = None,
+def solve_classes(problems: list[ClassProblem], num_threads: int | None = None,
                   grad_rows: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Run the kernel on every class (in threads): ``(aps (K,), grads (N, K), gains (N, K))``,
     ``gains`` the AP gained at each pseudo-partial's nearest improvement."""
     k = len(problems)
-    n = getattr(problems[0], "n_all", problems[0].scores.size) if k else 0
+    n = problems[0].n_all if k else 0
 
     def one(p):
         gain = np.zeros(p.scores.size, dtype=np.float64)
-        n_out = getattr(p, "n_all", p.scores.size)
-        ap, grad = _solve(p, n_out if grad_rows is None else grad_rows, None, gain)
-        rows = getattr(p, "rows", None)
+        n_out = p.n_all
+        ap, grad = solve_class(p, n_out if grad_rows is None else grad_rows, None, gain)
+        rows = p.rows
         if rows is None:  # fixed detections appended past n_out are not returned
             return ap, grad[:n_out], gain[:n_out]
         full_g = np.zeros(p.n_all)  # back to all N windows (those dropped get 0)
