@@ -38,7 +38,8 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.parametrize("loss", ["softmax", "map"])
 def test_train_and_eval_end_to_end(tmp_path, tiny, loss):
-    cfg = load_config(CONFIGS / "digits.yaml", [*tiny, f"train.loss={loss}"])
+    cfg = load_config(CONFIGS / "digits.yaml", [*tiny, f"train.loss={loss}",
+                                                "output.tensorboard=true"])
     result = train(cfg, out=tmp_path / loss, progress=False)
     run = tmp_path / loss
     assert result.checkpoint == run / "checkpoints" / "iter_0000004.pt"

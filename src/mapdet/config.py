@@ -273,7 +273,7 @@ class EvalConfig:
     cap). ``metrics``: VOC AP definitions to report (the first is the primary one in
     ``metrics.json``). ``convention``: ``devkit`` (1-based pixels, +1 widths, comparable
     with published numbers) or ``continuous``. ``max_images`` > 0 evaluates only the first
-    images. ``coco_metrics``: also run pycocotools (always for ``data.kind: coco``).
+    images. ``coco_metrics``: also compute COCO metrics (always for ``data.kind: coco``).
     ``num_vis`` images go into ``detections.png``, boxes above ``vis_threshold``.
     ``train_split_map``: evaluating a checkpoint on the test split (``mapdet train``,
     ``mapdet eval``) also scores the train split with the same post-processing and adds
@@ -302,7 +302,7 @@ class OutputConfig:
 
     dir: str = "runs"
     name: str = ""
-    tensorboard: bool = True
+    tensorboard: bool = False  # TensorBoard event files too (needs ``mapdet[tensorboard]``)
 
 
 _SECTIONS: dict[str, type] = {

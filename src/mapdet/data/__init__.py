@@ -3,13 +3,13 @@
 - :mod:`mapdet.data.base`: :class:`ImageRecord`, :class:`DetectionDataset`,
   :class:`ConcatDataset` (e.g. VOC 07+12), :func:`read_image`.
 - :mod:`mapdet.data.voc`: :class:`VOCDataset`, :func:`parse_voc_xml`, :data:`VOC_CLASSES`.
-- :mod:`mapdet.data.coco`: :class:`COCODataset` (pycocotools).
+- :mod:`mapdet.data.coco`: :class:`COCODataset`.
 - :mod:`mapdet.data.digits`: the embedded benchmark, :func:`write_digits_voc`,
   :data:`DIGIT_CLASSES`.
 - :mod:`mapdet.data.transforms`: resize, flip, normalise, collate (imports torch).
 
 The COCO, digits and transforms modules are imported on first use of one of their names here
-(they pull in pycocotools, OpenCV and torch), so that reading VOC annotations stays light.
+(they pull in OpenCV and torch), so that reading VOC annotations stays light.
 """
 
 import importlib

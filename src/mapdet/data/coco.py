@@ -1,4 +1,4 @@
-"""MS COCO-format detection data sets (read with ``pycocotools``).
+"""MS COCO-format detection data sets.
 
 Conversions done here, at the edge:
 
@@ -15,10 +15,9 @@ Conversions done here, at the edge:
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +29,36 @@ __all__ = ["COCODataset"]
 logger = logging.getLogger(__name__)
 
 
-def _load_coco(annotation_json: Path):
-    """A ``pycocotools.coco.COCO`` index of the file, with clear errors naming it."""
-    from pycocotools.coco import COCO
+class CocoIndex:
+    """The lookups of a COCO annotation file that the data set needs, with pycocotools' names
+    (``dataset``, ``imgs``, ``anns``, ``cats``, ``imgToAnns``, ``getCatIds``, ``loadCats``,
+    ``getImgIds``) and no dependency. Ids are kept as the file writes them.
 
+    Raises ``KeyError`` (an entry without ``id``, ``image_id``) or ``TypeError`` (an entry
+    that is not an object), as pycocotools' ``createIndex`` does."""
+
+    def __init__(self, dataset: dict):
+        self.dataset = dataset
+        self.imgs = {img["id"]: img for img in dataset.get("images", [])}
+        self.cats = {cat["id"]: cat for cat in dataset.get("categories", [])}
+        self.anns: dict = {}
+        self.imgToAnns: dict = defaultdict(list)
+        for ann in dataset.get("annotations", []):
+            self.imgToAnns[ann["image_id"]].append(ann)
+            self.anns[ann["id"]] = ann
+
+    def getCatIds(self) -> list:
+        return list(self.cats)
+
+    def loadCats(self, ids) -> list:
+        return [self.cats[i] for i in ids]
+
+    def getImgIds(self) -> list:
+        return list(self.imgs)
+
+
+def _load_coco(annotation_json: Path) -> CocoIndex:
+    """A :class:`CocoIndex` of the file, with clear errors naming it."""
     if not annotation_json.is_file():
         raise FileNotFoundError(f"COCO annotation file not found: {annotation_json}")
     try:
@@ -47,14 +72,10 @@ def _load_coco(annotation_json: Path):
         if key not in data:
             raise AnnotationError(f"{annotation_json}: missing the {key!r} list")
     data.setdefault("annotations", [])
-    coco = COCO()
-    coco.dataset = data
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-            coco.createIndex()
+        return CocoIndex(data)
     except (KeyError, TypeError) as exc:
         raise AnnotationError(f"{annotation_json}: malformed COCO structure: {exc!r}") from exc
-    return coco
 
 
 class COCODataset(DetectionDataset):
@@ -70,7 +91,7 @@ class COCODataset(DetectionDataset):
     with the boxes. Images are sorted by COCO id; images without annotations are kept.
 
     Attributes:
-        coco: the ``pycocotools.coco.COCO`` index (for ``COCOeval``).
+        coco: the file's :class:`CocoIndex`.
         label_to_category_id: tuple, ``label_to_category_id[c]`` is the COCO category id of
             label ``c``.
         category_id_to_label: dict, the inverse.

@@ -155,7 +155,7 @@ def score_detections(dataset, detections: Detections, cfg: Config, *, blame: int
 
 
 def _coco_metrics(dataset, detections: Detections, cfg: Config, out_dir: Path | None):
-    """COCO metrics (pycocotools) and/or the COCO results file, as configured."""
+    """COCO metrics (faster-coco-eval) and/or the COCO results file, as configured."""
     from mapdet.evaluation.coco import coco_image_id_map, evaluate_coco, records_to_coco_gt
     from mapdet.evaluation.export import coco_results_list, write_coco_results
 

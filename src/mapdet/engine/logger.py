@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -9,7 +10,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsLogger", "setup_logging"]
+__all__ = ["MetricsLogger", "check_tensorboard", "setup_logging"]
+
+#: The one-line error when TensorBoard logging is asked for and not installed.
+TENSORBOARD_MISSING = ("output.tensorboard is true but TensorBoard is not installed: "
+                       "pip install 'mapdet[tensorboard]', or set output.tensorboard=false")
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -70,6 +75,15 @@ def _truncate_jsonl(path: Path, last_iteration: int) -> None:
     os.replace(tmp, path)
 
 
+def check_tensorboard(enabled: bool) -> None:
+    """Raise a one-line :class:`~mapdet.config.ConfigError` when ``enabled`` and the
+    ``tensorboard`` package (an extra: ``mapdet[tensorboard]``) is not installed."""
+    if enabled and importlib.util.find_spec("tensorboard") is None:
+        from mapdet.config import ConfigError
+
+        raise ConfigError(TENSORBOARD_MISSING)
+
+
 class MetricsLogger:
     """Scalars of a run to ``<run_dir>/metrics.jsonl`` (one JSON object per line) and, when
     ``tensorboard`` is true, to TensorBoard event files in ``<run_dir>/tensorboard``.
@@ -78,7 +92,7 @@ class MetricsLogger:
     checkpoint, before a crash) are dropped from both, so the logs read as one run.
     """
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True,
+    def __init__(self, run_dir: str | Path, tensorboard: bool = False,
                  purge_step: int | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -89,10 +103,15 @@ class MetricsLogger:
         self._tb = None
         if tensorboard:
             try:
+                check_tensorboard(True)
+            except Exception:
+                self._file.close()
+                raise
+            try:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge_step)
-            except Exception as exc:  # tensorboard missing or broken: keep training
+            except Exception as exc:  # tensorboard installed but broken: keep training
                 logging.getLogger(__name__).warning("TensorBoard disabled: %s", exc)
 
     def log(self, iteration: int, scalars: dict[str, Any], prefix: str = "train") -> None:

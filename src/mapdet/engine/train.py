@@ -52,7 +52,7 @@ from mapdet.engine.builders import (
 from mapdet.engine.data_loading import make_train_loader
 from mapdet.engine.distributed import DistEnv, RankOrder, all_ranks, init_distributed
 from mapdet.engine.hooks import CallbackHook, CheckpointHook, Hook, LogHook
-from mapdet.engine.logger import MetricsLogger, add_file_handler
+from mapdet.engine.logger import MetricsLogger, add_file_handler, check_tensorboard
 from mapdet.engine.run_dir import RESUME_FREE_KEYS, RunDirectory, resume_differences
 from mapdet.engine.schedule import DataOrder
 from mapdet.engine.seeding import seed_everything, set_deterministic
@@ -251,6 +251,7 @@ def train(
         cfg = _resumed_config(cfg, config_from_dict(resume_state["config"]),
                               resume_state["path"])
 
+    check_tensorboard(cfg.output.tensorboard)  # before the run directory is made
     run_dir = make_run_dir(cfg, out)
     with RunDirectory(run_dir, resume=resume_state is not None, overwrite=overwrite) as rd:
         # Only rank 0 writes into the run directory (the other ranks log to stderr).

@@ -213,8 +213,13 @@ def _backend(name: str):
 
         return COCO, make
     if name == "pycocotools":
-        from pycocotools.coco import COCO
-        from pycocotools.cocoeval import COCOeval
+        try:
+            from pycocotools.coco import COCO
+            from pycocotools.cocoeval import COCOeval
+        except ImportError:
+            raise ImportError("the 'pycocotools' COCO backend needs pycocotools: "
+                              "pip install 'mapdet[pycocotools]' (or backend='faster', "
+                              "the default)") from None
 
         return COCO, COCOeval
     raise ValueError(f"backend must be one of {list(COCO_BACKENDS)}, got {name!r}")
