@@ -20,6 +20,8 @@ each round), ``NUMBA_NUM_THREADS=1``, classes run inline.
   ``torch.set_num_threads(1)`` (torch's other pool threads spin after each parallel op, and
   CPU time counts that spin: about 15 ms a step on a 2-core machine, the loss's cost on no
   core). Each step also pays what the memory costs in use: the minibatch entering it.
+* ``smoothing``: the smoothed AP's gradients (``MAPLoss(smoothing=...)``) on the 2 x 2000 x
+  20 minibatch against the exact pseudo-gradient once.
 * ``testset``: all pseudo-partials of a test set: 5,000 images x 100 windows x 20 classes.
 * ``brute``: fast against the definition (brute force), N = 300, one class; asserted equal.
 * every run: a calibration workload (sorting 2M floats) at the start and the end, since this
@@ -65,7 +67,7 @@ from mapdet.core.synthetic import (  # noqa: E402
 )
 
 COCO = tuple(np.round(np.linspace(0.5, 0.95, 10), 2))
-PARTS = ("minibatch", "scaling", "memory", "testset", "brute", "compile")
+PARTS = ("minibatch", "scaling", "memory", "smoothing", "testset", "brute", "compile")
 
 
 def _cpu_time(fn, repeats: int) -> float:
@@ -166,6 +168,38 @@ def part_minibatch(args, rows, result):
                          f"{grad * 1e3:6.1f} ms | ratio {grad / fwd:4.1f}x"))
             result[f"minibatch/{name}/{thr_name}"] = dict(forward_ms=fwd * 1e3,
                                                           gradient_ms=grad * 1e3)
+
+
+def part_smoothing(args, rows, result):
+    """The smoothed AP's gradients (``MAPLoss(smoothing=...)``) on the 2 x 2000 x 20
+    minibatch: the perturbed-optimizer estimator with K antithetic pairs (2K APs after NMS per
+    class) and the exact pseudo-gradient averaged over K perturbed scores, against the exact
+    pseudo-gradient once."""
+    from mapdet.core.perturbed import perturbed_gradient_multiclass
+
+    times = {}
+    for seed in range(args.seeds):
+        o = proposal_like_outputs(2, 2000, 20, seed=seed)
+        args_ = (o.probs, o.boxes, o.image_ids, o.gt_boxes, o.gt_labels, o.gt_image_ids,
+                 o.gt_difficult)
+        rng = np.random.default_rng(seed)
+        fns = {"exact pseudo-gradient": lambda a=args_: ap_pseudo_gradient_multiclass(
+            *a, num_threads=1)}
+        for k in (8, 32):
+            z = rng.standard_normal((k, *o.probs.shape))
+            fns[f"perturbed, K = {k} pairs"] = lambda a=args_, z=z: (
+                perturbed_gradient_multiclass(*a, noise=z, sigma=0.03))
+        z4 = 0.03 * rng.standard_normal((4, *o.probs.shape))
+        fns["averaged pseudo-gradient, K = 4"] = lambda a=args_, z=z4: [
+            ap_pseudo_gradient_multiclass(a[0] + zk, *a[1:], num_threads=1) for zk in z]
+        for name, t in zip(fns, _cpu_times(list(fns.values()), args.repeats), strict=True):
+            times.setdefault(name, []).append(t)
+    base = float(np.mean(times["exact pseudo-gradient"]))
+    for name, ts in times.items():
+        t = float(np.mean(ts))
+        rows.append((f"2 x 2000 x 20, sigma 0.03: {name}",
+                     f"{t * 1e3:7.1f} ms | {t / base:4.1f}x the exact pseudo-gradient"))
+        result[f"smoothing/{name}"] = dict(ms=t * 1e3)
 
 
 def part_scaling(args, rows, result):

@@ -165,6 +165,12 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0, help="random direction's seed")
     ap.add_argument("--averaged-only", action="store_true",
                     help="skip the per-minibatch steps (score space, weight space, transfer)")
+    ap.add_argument("--direction-from-config", action="store_true",
+                    help="the 'map' direction is the gradient of the configured training loss "
+                         "(train.loss and its loss.* options, e.g. train.loss=map "
+                         "loss.smoothing=perturbed, or train.loss=rank_sort), box terms off, "
+                         "computed by the training step itself; the score-space and "
+                         "whole-context measurements (MAPLoss only) are skipped")
     ap.add_argument("--out", default="experiments/map_step_check/result.json")
     args = ap.parse_args(argv)
 
@@ -189,6 +195,7 @@ def main(argv=None) -> None:
                         match_iou=lc.match_iou, ap_method=lc.ap_method, min_step=lc.min_step,
                         normalization="none")
     t = cfg.train
+    mechanism = _mechanism(cfg) if args.direction_from_config else None
     order = DataOrder(len(dataset), t.images_per_batch, t.seed, flip=cfg.data.flip)
     rank_order = RankOrder(order, 0, 1)
     loader = make_train_loader(dataset, proposals, cfg, rank_order, args.start,
@@ -219,13 +226,21 @@ def main(argv=None) -> None:
         probs, boxes, image_ids = _heads(model, batch)
         p0 = probs.detach().numpy().astype(np.float64)
         a0 = minibatch_map(p0, boxes, image_ids, targets, criterion)
-        loss = criterion(probs, torch.from_numpy(boxes), torch.from_numpy(image_ids), targets)
-        g_map = _grad_vector(model, loss)
-        G = -probs_grad(probs, criterion, boxes, image_ids, targets)
-        gn = float(np.linalg.norm(G))
+        if args.direction_from_config:
+            _set_params(model, theta0)
+            gens = [rois_generator(t.seed, args.start + it, b)
+                    for b in range(len(batch.samples))]
+            g_map = _grad_vector(model, mechanism(model, batch, gens))
+            G, gn = None, float(g_map.norm())
+        else:
+            loss = criterion(probs, torch.from_numpy(boxes), torch.from_numpy(image_ids),
+                             targets)
+            g_map = _grad_vector(model, loss)
+            G = -probs_grad(probs, criterion, boxes, image_ids, targets)
+            gn = float(np.linalg.norm(G))
         if gn == 0.0:
             zero_grad_batches += 1
-        for e in ([] if args.averaged_only else args.score_steps):
+        for e in ([] if args.averaged_only or G is None else args.score_steps):
             if gn == 0.0:
                 score[e].append(0.0)
                 continue
@@ -264,12 +279,14 @@ def main(argv=None) -> None:
                                                              pool_targets, criterion) - pool_a0)
         print(f"batch {it + 1}/{args.batches}: mAP {a0:.3f}, |G| {gn:.3g}", flush=True)
 
-    sums[("map", "context")] = _context_gradient(model, theta0, seen_batches, criterion)
+    if not args.direction_from_config:
+        sums[("map", "context")] = _context_gradient(model, theta0, seen_batches, criterion)
     averaged = _averaged_steps(model, theta0, sums, args.weight_steps, seen_batches, pool,
                                criterion)
     result = {
         "averaged_direction": averaged,
         "checkpoint": str(args.checkpoint), "batches": args.batches,
+        "overrides": args.overrides, "direction_from_config": args.direction_from_config,
         "images_per_batch": t.images_per_batch, "batches_with_zero_pseudo_gradient":
         zero_grad_batches, "seconds": time.perf_counter() - t0,
         "grad_norm": {k: _summary(v) for k, v in norms.items()},
@@ -283,6 +300,26 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=1))
+
+
+def _mechanism(cfg):
+    """``fn(model, batch, generators) -> loss``: the configured training loss (its training
+    step), with the box terms off, so that its gradient moves the scores only."""
+    from mapdet.config import apply_overrides
+    from mapdet.engine.builders import build_criterion
+    from mapdet.engine.steps import map_loss, ranking_loss, softmax_map_loss
+
+    cfg = apply_overrides(cfg, ["loss.box_loss_weight=0"])
+    loss = cfg.train.loss
+    if loss in ("ap_loss", "rank_sort"):
+        return lambda m, b, g: ranking_loss(m, b, cfg, g)[0]
+    criterion = build_criterion(cfg)
+    if loss == "softmax_map":
+        return lambda m, b, g: softmax_map_loss(m, b, cfg, criterion, g)[0]
+    if criterion is None:
+        raise SystemExit(f"--direction-from-config: train.loss={loss} is the softmax "
+                         "direction already measured")
+    return lambda m, b, g: map_loss(m, b, cfg, criterion, g)[0]
 
 
 def _context_gradient(model, theta0, seen, criterion) -> torch.Tensor:

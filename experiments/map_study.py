@@ -347,8 +347,8 @@ SCREEN = {
        for sig in (0.01, 0.03) for k in (4,) for lr in (1e-4, 1e-3)},
     **{f"perturbed_s{sig:g}_k{k}_lr{lr:g}": _map(lr, "loss.smoothing=perturbed",
                                                  f"loss.sigma={sig}", f"loss.samples={k}")
-       for sig in (0.01, 0.03, 0.1) for k in (8, 32) for lr in (1e-4, 1e-3)},
-    **{f"ap_loss_nms_lr{lr:g}": ["train.loss=ap_loss_nms", f"train.lr={lr}"]
+       for sig in (0.01, 0.03, 0.1) for k in (8, 32) for lr in (1e-4, 3e-4, 1e-3)},
+    **{f"ap_loss_nms_lr{lr:g}": ["train.loss=ap_loss_nms", f"loss.lr={lr}"]
        for lr in (1e-4, 1e-3, 3e-3)},
     **{f"ap_loss_lr{lr:g}": ["train.loss=ap_loss", f"train.lr={lr}"]
        for lr in (1e-4, 1e-3, 3e-3)},
@@ -473,6 +473,89 @@ def report(out_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def report_table(out_dir: Path, table: str, bar: str | None = None,
+                 min_seeds: int = 1) -> str:
+    """A markdown table of ``<table>.json`` (the ``screen`` step): per entry with at least
+    ``min_seeds`` seeds, the seeds run, train and test VOC07 mAP (mean +- sample std over the
+    seeds, or the one value), the change from the base, and the median seconds per iteration
+    (shared machine: not a benchmark). With ``bar`` (an entry's name): the difference of the
+    means from the bar's, marked ``**`` where it exceeds 2 standard deviations (the larger of
+    the two entries' sample stds)."""
+    data = json.loads((out_dir / f"{table}.json").read_text())
+    bar_sm = data["entries"][bar]["summary"] if bar else None
+
+    def vs_bar(sm, key):
+        d = 100 * (sm[key]["mean"] - bar_sm[key]["mean"])
+        sd = [x for x in (sm[key]["std"], bar_sm[key]["std"]) if x is not None]
+        mark = "**" if len(sd) == 2 and abs(d) > 2 * 100 * max(sd) else ""
+        return f"{mark}{d:+.2f}{mark}"
+    pr, b = data["protocol"], data["protocol"]["baseline"]
+
+    def cell(sm, key):
+        m, sd = 100 * sm[key]["mean"], sm[key]["std"]
+        return f"{m:.2f} +- {100 * sd:.2f}" if sd is not None else f"{m:.2f}"
+
+    base = Path(pr["base"]).parent.parent.name
+    lines = [f"`{table}`: {pr['iterations']} iterations from `{base}`"
+             f" (train {100 * b['train_voc07']:.2f}, test {100 * b['test_voc07']:.2f} VOC07); "
+             f"train mAP on {pr['train_eval_images']} of {pr['train_images']} train images, "
+             f"test on {pr['test_images']}.", "",
+             "| entry | overrides | seeds | train VOC07 | test VOC07 | d train | d test | "
+             + (f"train vs {bar} | test vs {bar} | " if bar else "") + "s/it |",
+             "|---|---|---|---|---|---|---|" + ("---|---|" if bar else "") + "---|"]
+    for name, e in data["entries"].items():
+        sm = e["summary"]
+        runs = list(e["runs"].values())
+        if len(runs) < min_seeds:
+            continue
+        spi = float(np.median([r["sec_per_iter"] for r in runs]))
+        lines.append(
+            f"| {name} | `{' '.join(e['overrides'])}` | {len(runs)} | "
+            f"{cell(sm, 'train_voc07')} | {cell(sm, 'test_voc07')} | "
+            f"{100 * (sm['train_voc07']['mean'] - b['train_voc07']):+.2f} | "
+            f"{100 * (sm['test_voc07']['mean'] - b['test_voc07']):+.2f} | "
+            + (f"{vs_bar(sm, 'train_voc07')} | {vs_bar(sm, 'test_voc07')} | " if bar else "")
+            + f"{spi:.2f} |")
+    return "\n".join(lines)
+
+
+def plot_table(out_dir: Path, table: str, png: Path, only: list[str]) -> Path:
+    """Test VOC07 mAP against iterations (seed 0 of each entry, or of ``only``) and the
+    final train and test mAP of every run, from ``<table>.json``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    data = json.loads((out_dir / f"{table}.json").read_text())
+    fig = Figure(figsize=(11, 4.2))
+    FigureCanvasAgg(fig)
+    ax, bx = fig.subplots(1, 2)
+    for name, e in data["entries"].items():
+        if only and name not in only:
+            continue
+        r = e["runs"].get("seed0") or next(iter(e["runs"].values()))
+        its = [c["iteration"] for c in r["curve"]]
+        line, = ax.plot(its, [100 * c["test_voc07"] for c in r["curve"]], marker=".",
+                        label=name)
+        for run in e["runs"].values():
+            bx.scatter(100 * run["final"]["train_voc07"], 100 * run["final"]["test_voc07"],
+                       color=line.get_color(), s=14)
+    b = data["protocol"]["baseline"]
+    bx.scatter(100 * b["train_voc07"], 100 * b["test_voc07"], marker="x", color="k",
+               label="base")
+    ax.set_xlabel("iterations from the base")
+    ax.set_ylabel("test VOC07 mAP (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="best", ncol=2)
+    bx.set_xlabel("train VOC07 mAP (%), whole split")
+    bx.set_ylabel("test VOC07 mAP (%)")
+    bx.set_title("final, every seed")
+    bx.grid(alpha=0.3)
+    bx.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=80)
+    return png
+
+
 def plot(out_dir: Path) -> Path:
     """``sweep_curves.png`` in ``out_dir``: train and test VOC07 mAP against iterations for
     every sweep run (and the equal-budget controls' seed-0 runs when controls.json has
@@ -516,7 +599,11 @@ STEPS = {"baseline": step_baseline, "scale": step_scale, "sweep": step_sweep,
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("step", choices=[*STEPS, "report", "plot"])
+    p.add_argument("step", choices=[*STEPS, "report", "plot", "report-table", "plot-table"])
+    p.add_argument("--png", default="docs/img/study.png", help="plot-table: the image")
+    p.add_argument("--bar", default=None, help="report-table: the entry to compare with")
+    p.add_argument("--min-seeds", type=int, default=1,
+                   help="report-table: only entries with at least this many seeds")
     p.add_argument("--work", default="runs/map_study", help="folder for data, proposals and runs")
     p.add_argument("--out", default="experiments/map_study", help="folder for the JSON files")
     p.add_argument("--base", default=None, help="baseline checkpoint or run directory")
@@ -553,6 +640,12 @@ def main(argv=None) -> int:
         return 0
     if args.step == "plot":
         print(plot(Path(args.out)))
+        return 0
+    if args.step == "report-table":
+        print(report_table(Path(args.out), args.table, args.bar, args.min_seeds))
+        return 0
+    if args.step == "plot-table":
+        print(plot_table(Path(args.out), args.table, Path(args.png), args.only))
         return 0
     STEPS[args.step](Study(args))
     return 0

@@ -292,8 +292,8 @@ def ranking_loss(
     ``(i, c)`` is positive when proposal ``i``'s best ground truth (IoU >= ``train.fg_iou``)
     has class ``c``, negative otherwise. RS Loss's sorting targets are the IoUs of the
     positives' regressed boxes with their ground truth. Smooth-L1 on sampled foreground
-    proposals beside it, as in :func:`map_loss`; for ``rank_sort`` weighted by
-    ``L_RS / L_box`` (RS Loss's self-balance), for ``ap_loss`` by ``loss.box_loss_weight``.
+    proposals beside it, as in :func:`map_loss`, weighted by ``loss.box_loss_weight``, for
+    ``rank_sort`` times ``L_RS / L_box`` (RS Loss's self-balance).
     """
     from mapdet.core.boxes import box_iou
     from mapdet.ranking import AP_LOSS_DELTA, RANK_SORT_DELTA, ap_loss, rank_sort_loss
@@ -343,8 +343,9 @@ def ranking_loss(
     loss_box = box_regression_loss(deltas[box_sel_t], torch.cat(box_labels).to(device),
                                    torch.cat(box_targets).to(device),
                                    normalizer=t.rois_per_image * len(batch.samples))
-    if t.loss == "rank_sort":
-        weight = loss_rank.detach() / loss_box.detach() if loss_box.item() > 0 else 0.0
+    if t.loss == "rank_sort":  # RS Loss's self-balance, times the configured weight
+        weight = (lc.box_loss_weight * loss_rank.detach() / loss_box.detach()
+                  if loss_box.item() > 0 else 0.0)
     else:
         weight = lc.box_loss_weight
     loss = loss_rank.to(loss_box.dtype) + weight * loss_box
