@@ -211,6 +211,7 @@ def test_bad_options():
         MAPLoss(normalization="mean")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_tensors():
     o, targets = _batch(windows=30, classes=2)

@@ -176,7 +176,9 @@ class TrainConfig:
     model weights (only) from a checkpoint, e.g. a softmax run for the map fine-tuning.
     The learning rate is multiplied by ``lr_gamma`` at every iteration in ``lr_steps``.
     ``clip_grad_norm`` > 0 clips the gradient's global norm (the mAP loss's pseudo-gradients
-    can be spiky). ``threads`` > 0 sets torch's intra-op CPU threads.
+    can be spiky). ``threads`` > 0 sets torch's intra-op CPU threads. ``amp``: mixed
+    precision for the step's forward passes (:mod:`mapdet.engine.amp`): ``none``, ``bf16``
+    (``torch.autocast`` with bfloat16) or ``fp16`` (float16 with a gradient scaler).
 
     More losses (docs/study.md): ``softmax_map`` is the softmax loss plus
     ``loss.map_loss_weight`` times the mAP loss (both at ``train.lr``); ``ap_loss_nms`` is
@@ -214,6 +216,7 @@ class TrainConfig:
     deterministic: bool = False
     device: str = "auto"
     threads: int = 0
+    amp: Literal["none", "bf16", "fp16"] = "none"
 
 
 @dataclass

@@ -141,14 +141,50 @@ def _to_numpy(name: str, value, dtype) -> np.ndarray:
     return np.asarray(value, dtype=dtype)
 
 
+def _to_host(values: Sequence) -> list:
+    """``values`` with every CUDA tensor copied to pinned host memory, all copies queued
+    before one synchronisation per device (a ``.cpu()`` per tensor would wait for the device
+    once per tensor, a minibatch's loss inputs a dozen times); other values unchanged."""
+    out = list(values)
+    devices = set()
+    for i, v in enumerate(out):
+        if isinstance(v, torch.Tensor) and v.is_cuda:
+            v = v.detach()
+            host = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+            host.copy_(v, non_blocking=True)
+            out[i] = host
+            devices.add(v.device)
+    for device in devices:
+        torch.cuda.current_stream(device).synchronize()
+    return out
+
+
+def _to_device(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """``array`` as a tensor of ``like``'s dtype on ``like``'s device; to a GPU through pinned
+    memory without waiting for the copy (the caching host allocator keeps the buffer until
+    the copy has run)."""
+    t = torch.from_numpy(np.ascontiguousarray(array)).to(like.dtype)
+    if like.is_cuda:
+        return t.pin_memory().to(like.device, non_blocking=True)
+    return t
+
+
 def windows_from_tensors(probs, boxes, image_ids, targets) -> Windows:
     """Validate the loss inputs and convert them to :class:`Windows`.
 
+    CUDA inputs are copied to the host together, with one synchronisation (:func:`_to_host`).
     Raises ``ValueError`` naming the argument on NaN/inf probabilities, shape mismatches,
     image ids outside ``0..len(targets)-1`` and labels outside ``0..K-1``.
     """
     if probs.ndim != 2:
         raise ValueError(f"probs must have shape (N, K), got {tuple(probs.shape)}")
+    keys = [[key for key in ("boxes", "labels", "difficult") if key in t] for t in targets]
+    flat = _to_host([probs, boxes, image_ids, *(t[key] for t, ks in zip(targets, keys,
+                                                                        strict=True)
+                                                 for key in ks)])
+    probs, boxes, image_ids, rest = flat[0], flat[1], flat[2], iter(flat[3:])
+    targets = [{**t, **{key: next(rest) for key in ks}} for t, ks in zip(targets, keys,
+                                                                         strict=True)]
     n, k = probs.shape
     p = _to_numpy("probs", probs, np.float64)
     bad = ~np.isfinite(p)
@@ -403,8 +439,8 @@ class MAPLoss(nn.Module):
         scale = normalization_scale(grads, base, self.normalization)
         if rank_slices is not None:
             grads = grads[rank_slices] * world
-        grad_probs = torch.as_tensor(-scale * grads, dtype=probs.dtype, device=probs.device)
-        value = torch.tensor(loss_value, dtype=probs.dtype, device=probs.device)
+        grad_probs = _to_device(-scale * grads, probs)
+        value = torch.full((), loss_value, dtype=probs.dtype, device=probs.device)
         return PrecomputedGradient.apply(probs, value, grad_probs)
 
 

@@ -41,6 +41,7 @@ import torch
 
 from mapdet.config import Config, ConfigError, config_from_dict
 from mapdet.engine import checkpoint as ckpt
+from mapdet.engine.amp import MixedPrecision
 from mapdet.engine.builders import (
     build_criterion,
     build_dataset,
@@ -336,9 +337,11 @@ def _loop(step: Step, train_model: torch.nn.Module, state: TrainState, loader,
           checkpointer: Checkpointer, env: DistEnv) -> tuple[list[float], dict[str, float]]:
     """Run ``step`` for each iteration of ``iterations`` (one batch of ``loader`` each), with
     the backward pass, gradient clipping, the optimizer and LR steps, and ``hooks`` around
-    it. Returns each iteration's seconds and the last iteration's statistics."""
+    it; under ``train.amp`` the step's forward passes run in autocast (:mod:`.amp`). Returns
+    each iteration's seconds and the last iteration's statistics."""
     t = state.cfg.train
     optimizer, scheduler = state.optimizer, state.scheduler
+    precision = MixedPrecision(t.amp, next(state.model.parameters()).device)
     step_times: list[float] = []
     stats: dict[str, float] = {}
     for it, batch in zip(iterations, loader, strict=False):
@@ -346,14 +349,14 @@ def _loop(step: Step, train_model: torch.nn.Module, state: TrainState, loader,
             hook.before_step(it)
         t0 = time.perf_counter()
         gens = [_generator(t.seed, it, slot) for slot in rank_order.slots()]
-        loss, stats = step(train_model, batch, gens)
+        with precision.autocast():
+            loss, stats = step(train_model, batch, gens)
         _check_finite(loss, it, stats, checkpointer.last, env)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if t.clip_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), t.clip_grad_norm)
-            stats["grad_norm"] = float(norm)
-        optimizer.step()
+        precision.backward(loss)
+        norm = precision.step(optimizer, state.model.parameters(), t.clip_grad_norm)
+        if norm is not None:
+            stats["grad_norm"] = norm
         stats["lr"] = optimizer.param_groups[0]["lr"]
         scheduler.step()
         step_times.append(time.perf_counter() - t0)

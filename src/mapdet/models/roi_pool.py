@@ -112,7 +112,14 @@ def roi_pool(features: torch.Tensor, boxes: list[torch.Tensor], output_size: int
              spatial_scale: float) -> torch.Tensor:
     """RoI max pooling ``(B, C, H, W), [(R_b, 4)] -> (sum R_b, C, P, P)``:
     :func:`roi_pool_nograd` when no graph is needed and the features are float32 on the CPU,
-    ``torchvision.ops.roi_pool`` otherwise (same numbers either way)."""
+    ``torchvision.ops.roi_pool`` otherwise (same numbers either way). Reduced-precision CPU
+    features (bfloat16, float16 under ``torch.autocast``), which torchvision's CPU kernel
+    does not take, are pooled in float32 and cast back: a maximum of values representable in
+    the reduced type is one of them, so the result is exact."""
+    if features.device.type == "cpu" and features.dtype in (torch.bfloat16, torch.float16):
+        pooled = roi_pool(features.float(), [b.float() for b in boxes], output_size,
+                          spatial_scale)
+        return pooled.to(features.dtype)
     needs_graph = torch.is_grad_enabled() and (
         features.requires_grad or any(b.requires_grad for b in boxes))
     if (not needs_graph and features.dtype == torch.float32 and features.device.type == "cpu"
