@@ -149,6 +149,57 @@ def test_proposals_train_eval_detect(tmp_path, tiny_args, capsys):
 
     assert main(["detect", str(tmp_path / "missing.jpg"), "--checkpoint", str(run)]) == 2
     assert "missing.jpg" in capsys.readouterr().err
+    _check_outputs_are_guarded(tmp_path, run, images, digits_root, capsys)
+
+
+def _check_outputs_are_guarded(tmp_path, run, images, digits_root, capsys):
+    """A second detect / eval into the same --out is refused (files unchanged) unless
+    --overwrite; an input image and a file mapdet did not write are never replaced."""
+    out = tmp_path / "det"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    argv = ["detect", *map(str, images), "--checkpoint", str(run), "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "already holds" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert main([*argv, "--overwrite"]) == 0
+    capsys.readouterr()
+
+    # the input image is never an output, --overwrite or not
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    photo = photos / "photo.png"
+    from PIL import Image
+
+    Image.open(images[0]).save(photo)
+    original = photo.read_bytes()
+    for extra in ([], ["--overwrite"]):
+        assert main(["detect", str(photo), "--checkpoint", str(run), "--out", str(photos),
+                     *extra]) == 2
+        assert "would replace the input" in capsys.readouterr().err
+    assert photo.read_bytes() == original and sorted(photos.iterdir()) == [photo]
+
+    # a user's own file with an output's name survives --overwrite
+    mine = out / "mine.png"
+    mine.write_bytes(b"the user's own picture")
+    other = tmp_path / "mine.jpg"
+    other.write_bytes(images[0].read_bytes())
+    assert main(["detect", str(other), "--checkpoint", str(run), "--out", str(out),
+                 "--overwrite"]) == 2
+    assert "not written by mapdet" in capsys.readouterr().err
+    assert mine.read_bytes() == b"the user's own picture"
+
+    # eval, both modes
+    metrics = (tmp_path / "ev" / "metrics.json").read_bytes()
+    assert main(["eval", "--checkpoint", str(run), "--out", str(tmp_path / "ev"),
+                 "--no-progress"]) == 2
+    assert "already holds" in capsys.readouterr().err
+    assert (tmp_path / "ev" / "metrics.json").read_bytes() == metrics
+    argv = ["eval", "--voc", str(digits_root), "--results", str(tmp_path / "ev" / "results"),
+            "--out", str(tmp_path / "ev2"), "--split", "test"]
+    assert main(argv) == 2
+    assert "ev2" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0
 
 
 def test_eval_classes_option(tmp_path):

@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a run directory / config.yaml whose data.classes to use (default: the "
                    "20 VOC classes)")
     p.add_argument("--out", type=Path, help="mode 1: output directory; mode 2: metrics.json path")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the outputs of an earlier mapdet run in --out (without it, "
+                   "existing outputs are refused; files mapdet did not write are never replaced)")
     p.add_argument("--blame", nargs="?", type=_positive_int, const=20, default=0, metavar="K",
                    help="also name the K detections (default 20) whose score change would "
                    "raise the test AP most, from the pseudo-partials of every detection "
@@ -131,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("detections"), help="output directory")
     p.add_argument("--score-threshold", type=float, default=0.5,
                    help="draw detections above this score (default 0.5)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the outputs of an earlier mapdet run in --out (without it, "
+                   "existing outputs are refused; an input image and files mapdet did not "
+                   "write are never replaced)")
     _add_common(p)
 
     p = sub.add_parser(
@@ -178,7 +185,7 @@ def _cmd_train(args) -> int:
     print(f"{result.sec_per_iter:.3f} s/iteration")
     if not args.no_eval and result.checkpoint is not None:
         report = evaluate_checkpoint(result.checkpoint, out=result.run_dir / "eval",
-                                     progress=not args.no_progress)
+                                     progress=not args.no_progress, overwrite=True)
         print(report.table())
     return 0
 
@@ -197,7 +204,8 @@ def _cmd_eval(args) -> int:
                                     split=args.split or "test", metric=args.metric,
                                     devkit=not args.continuous, out=args.out,
                                     cache_dir=False if args.no_cache else None,
-                                    class_names=_class_list(args.classes), blame=args.blame)
+                                    class_names=_class_list(args.classes), blame=args.blame,
+                                    overwrite=args.overwrite)
         print(report.table())
         _print_blame(report)
         return 0
@@ -210,7 +218,7 @@ def _cmd_eval(args) -> int:
 
     report = evaluate_checkpoint(args.checkpoint, config=args.config, overrides=args.overrides,
                                  split=args.split, out=args.out, progress=not args.no_progress,
-                                 blame=args.blame)
+                                 blame=args.blame, overwrite=args.overwrite)
     print(report.table())
     _print_blame(report)
     return 0
@@ -262,7 +270,7 @@ def _cmd_detect(args) -> int:
     from mapdet.engine.evaluate import detect_images
 
     written = detect_images(args.images, args.checkpoint, out=args.out,
-                            draw_threshold=args.score_threshold)
+                            draw_threshold=args.score_threshold, overwrite=args.overwrite)
     for path in written:
         print(path)
     return 0

@@ -175,6 +175,23 @@ def _coco_metrics(dataset, detections: Detections, cfg: Config, out_dir: Path | 
     return evaluate_coco(gt, results)
 
 
+def output_files(cfg: Config, class_names: Sequence[str], split: str, *, blame: int = 0
+                 ) -> list[str]:
+    """The files :func:`evaluate_model` writes into its output folder, relative to it."""
+    from mapdet.evaluation.export import devkit_result_filename
+
+    names = ["metrics.json"]
+    if cfg.eval.export_devkit:
+        names += [f"results/{devkit_result_filename(split, c)}" for c in class_names]
+    if cfg.eval.export_coco:
+        names.append("coco_results.json")
+    if cfg.eval.plots:
+        names += ["pr_curves.png"] + (["detections.png"] if cfg.eval.num_vis > 0 else [])
+    if blame:
+        names += ["blame.json", "blame.txt"]
+    return names
+
+
 def write_outputs(report: EvalReport, dataset, detections: Detections, cfg: Config,
                   out_dir: Path, split: str) -> None:
     """metrics.json, devkit results, PR curves and a detections picture in ``out_dir``."""
@@ -214,18 +231,26 @@ def evaluate_model(
     progress: bool = True,
     extra: dict[str, Any] | None = None,
     blame: int = 0,
+    overwrite: bool = False,
 ) -> EvalReport:
     """Run ``model`` over ``split`` (``eval.max_images`` > 0: the first that many images),
     score it, and write the outputs to ``out`` when given. ``blame > 0``: also the ``blame``
     detections that cost the AP most (``report.blame``; ``blame.json`` and ``blame.txt``
-    in ``out``)."""
+    in ``out``). Outputs that exist in ``out`` are refused before anything runs, unless
+    ``overwrite`` and an earlier mapdet command wrote them (:func:`mapdet.outputs.claim_outputs`).
+    """
     dataset = dataset if dataset is not None else build_dataset(cfg, split)
+    env = current_env()
+    if out is not None:  # every rank checks (all stop together), rank 0 records
+        from mapdet.outputs import claim_outputs
+
+        claim_outputs(out, output_files(cfg, dataset.class_names, split_name(cfg, split),
+                                        blame=blame), overwrite=overwrite, record=env.is_main)
     proposals = proposals if proposals is not None else build_proposals(
         cfg, dataset, split, progress=progress)
     n = len(dataset) if cfg.eval.max_images <= 0 else min(cfg.eval.max_images, len(dataset))
     # Under torchrun each rank runs its share of the images; the detections are gathered and
     # every rank scores them (rank 0 alone writes the outputs).
-    env = current_env()
     t0 = time.perf_counter()
     shard, _ = run_inference(model, dataset, proposals, cfg,
                              indices=range(env.rank, n, env.world_size),
@@ -279,6 +304,7 @@ def evaluate_checkpoint(
     progress: bool = True,
     train_split: bool | None = None,
     blame: int = 0,
+    overwrite: bool = False,
 ) -> EvalReport:
     """Evaluate a checkpoint (``mapdet eval CONFIG --checkpoint CKPT``).
 
@@ -286,7 +312,7 @@ def evaluate_checkpoint(
     ``overrides`` applied. Outputs go to ``out`` (default ``<run dir>/eval``). On the test
     split, ``train_split`` (default ``eval.train_split_map``) also scores the train split
     and stores it as ``train_split`` in ``metrics.json`` (:func:`train_split_summary`).
-    ``blame``: see :func:`evaluate_model`.
+    ``blame``, ``overwrite``: see :func:`evaluate_model`.
     """
     state = ckpt.load_checkpoint(checkpoint)
     if config is not None:
@@ -314,11 +340,15 @@ def evaluate_checkpoint(
     if out is None:
         p = Path(state["path"]).resolve().parent
         out = (p.parent if p.name == "checkpoints" else p) / "eval"
+    from mapdet.outputs import claim_outputs  # refused before the train split's evaluation
+
+    claim_outputs(out, output_files(cfg, dataset.class_names, split_name(cfg, split),
+                                    blame=blame), overwrite=overwrite, record=env.is_main)
     extra = {"checkpoint": state["path"], "iteration": int(state.get("iteration", 0))}
     if (cfg.eval.train_split_map if train_split is None else train_split) and split == "test":
         extra["train_split"] = train_split_summary(model, cfg, progress=progress)
     return evaluate_model(model, cfg, split=split, dataset=dataset, out=out, progress=progress,
-                          extra=extra, blame=blame)
+                          extra=extra, blame=blame, overwrite=True)
 
 
 def train_split_summary(model: torch.nn.Module, cfg: Config, *, progress: bool = False
@@ -361,13 +391,25 @@ def output_names(paths: Sequence[str | Path]) -> list[str]:
 
 
 def detect_images(images: Sequence[str | Path], checkpoint: str | Path, *,
-                  out: str | Path = "detections", draw_threshold: float = 0.5) -> list[Path]:
+                  out: str | Path = "detections", draw_threshold: float = 0.5,
+                  overwrite: bool = False) -> list[Path]:
     """Detect objects in image files with a checkpoint; draw them to ``<out>/<name>.png``
     (the file's stem, made distinct by :func:`output_names` when two inputs share it) and
-    list them in ``<out>/detections.json``. Returns the files written."""
+    list them in ``<out>/detections.json``. Returns the files written.
+
+    An output that is an input image is refused, and so is one that exists unless
+    ``overwrite`` and an earlier mapdet command wrote it (:func:`mapdet.outputs.claim_outputs`);
+    checked before the model is loaded.
+    """
     from mapdet.data.base import DetectionDataset, ImageRecord, image_size
     from mapdet.evaluation.plots import draw_detection_grid
+    from mapdet.outputs import claim_outputs
 
+    for p in images:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"image not found: {p}")
+    pictures = [f"{name}.png" for name in output_names(images)]
+    claim_outputs(out, [*pictures, "detections.json"], overwrite=overwrite, inputs=images)
     model, cfg, state = model_from_checkpoint(checkpoint)
     names = tuple(state.get("class_names") or [f"class{i}" for i in range(model.num_classes)])
     records = []
@@ -383,11 +425,10 @@ def detect_images(images: Sequence[str | Path], checkpoint: str | Path, *,
     out.mkdir(parents=True, exist_ok=True)
     written = []
     listing = {}
-    for rec, name in zip(dataset.records, output_names([r.path for r in dataset.records]),
-                         strict=True):
+    for rec, picture in zip(dataset.records, pictures, strict=True):
         det = detections[rec.image_id]
         keep = det["scores"] >= draw_threshold
-        path = draw_detection_grid(dataset, {rec.image_id: det}, out / f"{name}.png",
+        path = draw_detection_grid(dataset, {rec.image_id: det}, out / picture,
                                    score_threshold=draw_threshold, min_side=0)
         written.append(path)
         listing[str(rec.path)] = [

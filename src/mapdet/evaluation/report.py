@@ -81,7 +81,7 @@ def score_result_files(voc_root: str | Path, results_dir: str | Path, *, year: s
                        out: str | Path | None = None,
                        cache_dir: str | Path | None | bool = None,
                        class_names: Sequence[str] | None = None,
-                       blame: int = 0) -> EvalReport:
+                       blame: int = 0, overwrite: bool = False) -> EvalReport:
     """Score devkit result files against a VOC-layout data set (``mapdet eval --voc``).
 
     ``metric`` defaults to ``voc07`` for VOC 2007 and ``area`` otherwise. ``class_names``:
@@ -93,11 +93,20 @@ def score_result_files(voc_root: str | Path, results_dir: str | Path, *, year: s
     :func:`~mapdet.evaluation.voc_annotations.load_voc_ground_truth`; ``False``: none).
     ``blame``: also find the ``blame`` detections that cost the AP most
     (:mod:`mapdet.evaluation.blame`), written as ``blame.json`` and ``blame.txt`` beside
-    ``metrics.json`` when ``out`` is given.
+    ``metrics.json`` when ``out`` is given. Those that exist are refused before anything is
+    read, unless ``overwrite`` and mapdet wrote them (:func:`mapdet.outputs.claim_outputs`).
     """
     from mapdet.data.voc import VOC_CLASSES, read_class_file
     from mapdet.evaluation.voc import evaluate_voc_results_dir
 
+    if out is not None:
+        from mapdet.outputs import claim_outputs
+
+        out = Path(out)
+        if out.suffix != ".json":
+            out = out / "metrics.json"
+        claim_outputs(out.parent, [out.name, *(("blame.json", "blame.txt") if blame else ())],
+                      overwrite=overwrite)
     metric = metric or ("voc07" if str(year) == "2007" else "area")
     if class_names is not None:
         class_names = tuple(class_names)
@@ -110,9 +119,6 @@ def score_result_files(voc_root: str | Path, results_dir: str | Path, *, year: s
     report = EvalReport({metric: result}, class_names, num_images=result.num_images,
                         blame=result.blame)
     if out is not None:
-        out = Path(out)
-        if out.suffix != ".json":
-            out = out / "metrics.json"
         result.write_json(out)
         report.out_dir = out.parent
         if report.blame is not None:
