@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -44,11 +46,26 @@ __all__ = [
     "load_config",
     "parse_override",
     "read_yaml_mapping",
+    "yaml_key_lines",
 ]
 
 
 class ConfigError(ValueError):
-    """A configuration file or override is invalid; the message names the key and the problem."""
+    """A configuration file or override is invalid; the message names the key and the problem.
+
+    ``key``: the ``section.key`` at fault when known (given, or read from a message that
+    starts with it), so that :func:`load_config` can say where it was set.
+    """
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        if key is None:
+            m = _KEY_AT_START.match(str(message))
+            key = m.group(1) if m else None
+        self.key = key
+
+
+_KEY_AT_START = re.compile(r"^([A-Za-z_]\w*\.[A-Za-z_]\w*)(?:\[\d+\])?:")
 
 
 #: The mAP stage's learning rate when ``loss.lr`` is null (the recipe; docs/method.md,
@@ -361,6 +378,11 @@ class Config:
         """Check cross-field constraints; raises :class:`ConfigError`. Returns ``self``."""
         t, d, lo, p, m, e = (self.train, self.data, self.loss, self.proposals, self.model,
                              self.eval)
+        for name in _SECTIONS:  # also configs built in code, which _coerce never saw
+            for f in dataclasses.fields(getattr(self, name)):
+                value = getattr(getattr(self, name), f.name)
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ConfigError(f"{name}.{f.name}: must be a finite number, got {value}")
         _positive("train.iterations", t.iterations, allow_zero=True)
         _positive("train.images_per_batch", t.images_per_batch)
         _positive("train.rois_per_image", t.rois_per_image)
@@ -461,7 +483,8 @@ def _unknown_key(key: str, valid: Sequence[str], prefix: str = "") -> ConfigErro
     hint = f" Did you mean {prefix + close[0]!r}?" if close else ""
     return ConfigError(
         f"unknown {what} {prefix + key!r}.{hint} Valid {what}s"
-        f"{' of ' + prefix.rstrip('.') if prefix else ''}: {', '.join(valid)}")
+        f"{' of ' + prefix.rstrip('.') if prefix else ''}: {', '.join(valid)}",
+        key=prefix + key)
 
 
 def _type_name(tp: Any) -> str:
@@ -485,7 +508,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
     Accepted conversions: int -> float; strings that parse as floats (``"1e-3"``, which
     YAML 1.1 reads as a string) -> float; a scalar -> one-element list. Everything else
-    that does not match raises :class:`ConfigError` naming ``key``.
+    that does not match raises :class:`ConfigError` naming ``key``, and so does a float
+    that is NaN or infinite (``train.lr=nan``).
     """
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -530,13 +554,18 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -645,21 +674,72 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     """Read a YAML config (``None``: all defaults), apply overrides, validate.
 
     Raises :class:`ConfigError` naming the file or key on a missing file, bad YAML, a key
-    written twice, an unknown or renamed key or a wrongly typed value.
+    written twice, an unknown or renamed key or a wrongly typed value. The message says
+    where the bad value came from: ``FILE:LINE:`` for a key written in the file,
+    ``command line override 'KEY=VALUE':`` for one typed as an override (the last one that
+    sets the key), ``FILE:`` for a default or a rule between several keys.
     """
     d: dict[str, Any] = {}
+    lines: dict[str, int] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         d = read_yaml_mapping(path)
+        lines = yaml_key_lines(path)
+
+    def in_file(exc: ConfigError) -> ConfigError:
+        if path is None:
+            return exc
+        key = exc.key or ""
+        line = lines.get(key) or lines.get(key.split(".", 1)[0])
+        where = f"{path}:{line}" if line else str(path)
+        return ConfigError(f"{where}: {exc}", key=exc.key)
+
     try:
-        cfg = apply_overrides(d, overrides, migrate=False)
+        cfg = config_from_dict(d, migrate=False)
+    except ConfigError as exc:
+        raise in_file(exc) from None
+    set_by: dict[str, str] = {}
+    for text in overrides:
+        try:
+            cfg = apply_overrides(cfg, [text], migrate=False)
+        except ConfigError as exc:
+            raise _on_command_line(text, exc) from None
+        section, key, _, _ = parse_override(text)
+        set_by[f"{section}.{key}"] = text
+    try:
         return cfg.validate()
     except ConfigError as exc:
-        if path is not None:
-            raise ConfigError(f"{path}: {exc}") from None
-        raise
+        text = set_by.get(exc.key or "")
+        raise (in_file(exc) if text is None else _on_command_line(text, exc)) from None
+
+
+def _on_command_line(text: str, exc: ConfigError) -> ConfigError:
+    """``exc`` blamed on the override ``text`` typed on the command line."""
+    message = str(exc)
+    if message.startswith(f"override {text!r}"):
+        return ConfigError(f"command line {message}", key=exc.key)
+    return ConfigError(f"command line override {text!r}: {message}", key=exc.key)
+
+
+def yaml_key_lines(path: str | Path) -> dict[str, int]:
+    """``{"section": line, "section.key": line}``: where each section and key of the YAML
+    config ``path`` is written (1-based); ``{}`` when it cannot be parsed."""
+    try:
+        root = yaml.compose(Path(path).read_text(), Loader=yaml.SafeLoader)
+    except (OSError, yaml.YAMLError):
+        return {}
+    lines: dict[str, int] = {}
+    if not isinstance(root, yaml.MappingNode):
+        return lines
+    for key_node, value_node in root.value:
+        section = str(key_node.value)
+        lines.setdefault(section, key_node.start_mark.line + 1)
+        if isinstance(value_node, yaml.MappingNode):
+            for k, _ in value_node.value:
+                lines.setdefault(f"{section}.{k.value}", k.start_mark.line + 1)
+    return lines
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
