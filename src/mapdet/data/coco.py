@@ -72,10 +72,49 @@ def _load_coco(annotation_json: Path) -> CocoIndex:
         if key not in data:
             raise AnnotationError(f"{annotation_json}: missing the {key!r} list")
     data.setdefault("annotations", [])
+    _check_ids(annotation_json, data)
     try:
         return CocoIndex(data)
     except (KeyError, TypeError) as exc:
         raise AnnotationError(f"{annotation_json}: malformed COCO structure: {exc!r}") from exc
+
+
+def _check_ids(annotation_json: Path, data: dict) -> None:
+    """Refuse what pycocotools' index would drop without a word: an image id listed twice
+    (the later entry hides the earlier) and annotations whose ``image_id`` is not in
+    ``images`` (no record would hold them: the ground truth would silently shrink)."""
+    images, anns = data["images"], data["annotations"]
+    if not isinstance(images, list) or not isinstance(anns, list):
+        raise AnnotationError(f"{annotation_json}: 'images' and 'annotations' must be lists")
+    ids: set = set()
+    for k, img in enumerate(images):
+        if not isinstance(img, dict) or "id" not in img:
+            raise AnnotationError(f"{annotation_json}: images[{k}] has no 'id'")
+        try:
+            if img["id"] in ids:
+                raise AnnotationError(
+                    f"{annotation_json}: image id {img['id']!r} is listed more than once in "
+                    "'images'")
+            ids.add(img["id"])
+        except TypeError:
+            raise AnnotationError(f"{annotation_json}: images[{k}] has an id of type "
+                                  f"{type(img['id']).__name__}") from None
+    dangling = []
+    for k, ann in enumerate(anns):
+        if not isinstance(ann, dict) or "image_id" not in ann:
+            raise AnnotationError(f"{annotation_json}: annotations[{k}] has no 'image_id'")
+        try:
+            if ann["image_id"] not in ids:
+                dangling.append(ann)
+        except TypeError:
+            raise AnnotationError(f"{annotation_json}: annotations[{k}] has an image_id of "
+                                  f"type {type(ann['image_id']).__name__}") from None
+    if dangling:
+        first = ", ".join(f"{a.get('id')!r} (image_id {a['image_id']!r})" for a in dangling[:3])
+        raise AnnotationError(
+            f"{annotation_json}: {len(dangling)} of {len(anns)} annotations refer to an "
+            f"image_id that is not in 'images', e.g. annotation {first}; add the images or "
+            "remove those annotations")
 
 
 class COCODataset(DetectionDataset):
@@ -99,7 +138,8 @@ class COCODataset(DetectionDataset):
     Raises:
         FileNotFoundError: the JSON file is missing.
         AnnotationError: malformed JSON or COCO structure, an annotation referring to an
-            unknown category, or a bad ``bbox`` (always naming the file).
+            unknown category or to an image id not in ``images``, an image id listed twice,
+            or a bad ``bbox`` (always naming the file).
     """
 
     def __init__(

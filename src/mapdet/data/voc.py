@@ -128,6 +128,8 @@ class VOCObjects(NamedTuple):
         labels: ``(M,)`` int64 in ``0..K-1``.
         difficult: ``(M,)`` bool.
         truncated: ``(M,)`` bool.
+        skipped_unknown: the class names of the objects left out by ``skip_unknown``.
+        dropped_difficult: how many ``difficult`` objects ``use_difficult=False`` left out.
     """
 
     width: int
@@ -137,6 +139,8 @@ class VOCObjects(NamedTuple):
     labels: np.ndarray
     difficult: np.ndarray
     truncated: np.ndarray
+    skipped_unknown: tuple[str, ...] = ()
+    dropped_difficult: int = 0
 
 
 def read_voc_objects(
@@ -177,7 +181,8 @@ def read_voc_objects(
                                    filename)
 
     width, height = _read_size(root, path, image_path)
-    raw, labels, difficult, truncated = [], [], [], []
+    raw, labels, difficult, truncated, skipped = [], [], [], [], []
+    dropped_difficult = 0
     for k, obj in enumerate(root.findall("object")):
         name = _text(obj, "name")
         where = f"{path}, object {k}" + (f" ({name!r})" if name else "")
@@ -187,6 +192,7 @@ def read_voc_objects(
         if label is None:
             if skip_unknown:
                 logger.debug("%s: skipping unknown class %r", where, name)
+                skipped.append(name)
                 continue
             raise UnknownClassError(
                 f"{where}: unknown class name {name!r}; known classes: {', '.join(label_of)}"
@@ -194,6 +200,7 @@ def read_voc_objects(
             )
         is_difficult = _flag(obj, "difficult", where)
         if is_difficult and not use_difficult:
+            dropped_difficult += 1
             continue
         raw.append(_read_bndbox(obj, where))
         labels.append(label)
@@ -202,7 +209,7 @@ def read_voc_objects(
     return VOCObjects(width, height, filename,
                       np.asarray(raw, dtype=np.float64).reshape(-1, 4),
                       np.asarray(labels, dtype=np.int64), np.asarray(difficult, dtype=bool),
-                      np.asarray(truncated, dtype=bool))
+                      np.asarray(truncated, dtype=bool), tuple(skipped), dropped_difficult)
 
 
 def parse_voc_xml(
@@ -224,8 +231,9 @@ def parse_voc_xml(
         use_difficult: keep objects marked ``difficult`` (with ``difficult=True``); when
             ``False`` they are dropped (Fast R-CNN's training default). Keep ``True`` for
             evaluation: the devkit needs them to ignore detections that hit them.
-        skip_unknown: drop objects whose class is not in ``class_names`` (logged at debug
-            level) instead of raising.
+        skip_unknown: drop objects whose class is not in ``class_names`` instead of raising
+            (listed in ``VOCObjects.skipped_unknown``; :class:`VOCDataset` warns once with
+            the count and a file).
 
     Returns:
         The record. ``boxes`` is ``(M, 4)`` float32 continuous ``xyxy``, clipped to the image;
@@ -474,9 +482,22 @@ class VOCDataset(DetectionDataset):
             for i in ids
         ]
         super().__init__(class_names, records, name=f"{self.base.name}_{split}")
+        objs = [r.extra["voc_devkit_objects"] for r in records]
+        skipped = [(r.extra["xml_path"], o.skipped_unknown) for r, o in zip(records, objs,
+                                                                             strict=True)
+                   if o.skipped_unknown]
+        if skipped:
+            names = sorted({n for _, found in skipped for n in found})
+            logger.warning(
+                "%s: %d object(s) of classes not in the class list were skipped (skip_unknown) "
+                "in %d of %d annotation files, e.g. %s; classes skipped: %s",
+                ann_dir, sum(len(f) for _, f in skipped), len(skipped), len(records),
+                skipped[0][0], ", ".join(names[:10]) + (" ..." if len(names) > 10 else ""))
         logger.info(
-            "%s: %d images, %d objects",
+            "%s: %d images, %d objects%s",
             self.name,
             len(records),
             sum(r.num_objects for r in records),
+            "" if use_difficult else
+            f" ({sum(o.dropped_difficult for o in objs)} difficult ones left out)",
         )
