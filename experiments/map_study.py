@@ -115,7 +115,8 @@ class Study:
         cfg = apply_overrides(self.cfg, [
             f"train.init_from={self.base_checkpoint()}", f"train.iterations={iterations}",
             "train.lr_steps=[]", "train.warmup_iterations=0", f"train.seed={seed}",
-            f"train.checkpoint_every={eval_every}", "train.log_every=10", *overrides,
+            f"train.checkpoint_every={eval_every}", "train.keep_checkpoints=0",  # the curve
+            "train.log_every=10", *overrides,
         ]).validate()
         run = self.work / "runs" / name
         t0 = time.perf_counter()

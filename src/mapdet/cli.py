@@ -2,13 +2,16 @@
 
 Errors caused by bad input (a config typo, a missing file, a malformed annotation, an
 unreadable checkpoint) end as one line ``mapdet: error: ...`` on stderr with exit code 2;
-``--debug`` shows the traceback instead. A diverged training run exits with code 1.
+``--debug`` shows the traceback instead. A diverged training run, or a rank of a DDP job
+whose peer died, exits with code 1; a run stopped by SIGINT or SIGTERM saves a checkpoint
+first and exits with 130 or 143.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -182,7 +185,10 @@ def _cmd_train(args) -> int:
     result = train(cfg, out=args.out, resume=args.resume, progress=not args.no_progress,
                    overwrite=args.overwrite)
     print(f"checkpoint: {result.checkpoint}")
-    print(f"{result.sec_per_iter:.3f} s/iteration")
+    if math.isfinite(result.sec_per_iter):
+        print(f"{result.sec_per_iter:.3f} s/iteration")
+    else:
+        print(f"no iterations trained: the checkpoint is at train.iterations={result.iterations}")
     if not args.no_eval and result.checkpoint is not None:
         report = evaluate_checkpoint(result.checkpoint, out=result.run_dir / "eval",
                                      progress=not args.no_progress, overwrite=True)
@@ -343,10 +349,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("mapdet: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
+        interrupted = getattr(sys.modules.get("mapdet.engine.interrupt"), "TrainingInterrupted",
+                              None)
+        if interrupted is not None and isinstance(exc, interrupted):
+            print(f"mapdet: {exc}", file=sys.stderr)
+            return exc.exit_code
         if args.debug:
             raise
-        diverged = getattr(sys.modules.get("mapdet.engine.train"), "TrainingDiverged", None)
-        if diverged is not None and isinstance(exc, diverged):
+        stopped = tuple(c for c in (
+            getattr(sys.modules.get("mapdet.engine.train"), "TrainingDiverged", None),
+            getattr(sys.modules.get("mapdet.engine.interrupt"), "RankFailure", None)) if c)
+        if isinstance(exc, stopped):
             _error(exc)
             return 1
         if isinstance(exc, _input_errors()) or isinstance(exc, (ValueError, KeyError, OSError)):

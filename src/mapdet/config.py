@@ -196,6 +196,8 @@ class TrainConfig:
     can be spiky). ``threads`` > 0 sets torch's intra-op CPU threads. ``amp``: mixed
     precision for the step's forward passes (:mod:`mapdet.engine.amp`): ``none``, ``bf16``
     (``torch.autocast`` with bfloat16) or ``fp16`` (float16 with a gradient scaler).
+    ``keep_checkpoints``: after each save, only the newest that many checkpoints stay (the
+    last one among them), so a long run's disk use is bounded; 0 keeps every checkpoint.
 
     More losses (docs/study.md): ``softmax_map`` is the softmax loss plus
     ``loss.map_loss_weight`` times the mAP loss (both at ``train.lr``); ``ap_loss_nms`` is
@@ -227,7 +229,7 @@ class TrainConfig:
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     init_from: str | None = None
     checkpoint_every: int = 10000
-    keep_checkpoints: int = 0
+    keep_checkpoints: int = 3
     log_every: int = 20
     seed: int = 0
     deterministic: bool = False

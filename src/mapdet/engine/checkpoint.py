@@ -137,10 +137,11 @@ def write_last_pointer(directory: str | Path, path: str | Path) -> None:
 
 
 def prune_checkpoints(directory: str | Path, keep: int) -> None:
-    """Delete all but the ``keep`` newest checkpoints (``keep <= 0``: keep all)."""
+    """Delete all but the ``keep`` newest checkpoints (``keep <= 0``: keep all), each named
+    in the log."""
     if keep <= 0:
         return
     for _, p in list_checkpoints(directory)[:-keep]:
         with contextlib.suppress(OSError):
             p.unlink()
-            log.debug("removed old checkpoint %s", p)
+            log.info("removed old checkpoint %s (train.keep_checkpoints=%d)", p, keep)

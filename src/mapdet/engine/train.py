@@ -53,6 +53,7 @@ from mapdet.engine.builders import (
 from mapdet.engine.data_loading import make_train_loader
 from mapdet.engine.distributed import DistEnv, RankOrder, all_ranks, init_distributed
 from mapdet.engine.hooks import CallbackHook, CheckpointHook, Hook, LogHook
+from mapdet.engine.interrupt import StopHook, StopSignals
 from mapdet.engine.logger import MetricsLogger, add_file_handler, check_tensorboard
 from mapdet.engine.run_dir import RESUME_FREE_KEYS, RunDirectory, resume_differences
 from mapdet.engine.schedule import DataOrder
@@ -233,6 +234,8 @@ def train(
 
     Raises:
         TrainingDiverged: a non-finite loss.
+        TrainingInterrupted: SIGINT or SIGTERM; a checkpoint of the iteration then finished
+            was saved first (see :mod:`mapdet.engine.interrupt`).
         RunDirError: ``out`` is not empty (without ``resume``/``overwrite``) or is locked.
         CheckpointError, ConfigError, FileNotFoundError, ...: bad input, naming the file/key.
     """
@@ -251,6 +254,16 @@ def train(
             out = p.parent if p.name == "checkpoints" else p
         cfg = _resumed_config(cfg, config_from_dict(resume_state["config"]),
                               resume_state["path"])
+        at = int(resume_state["iteration"])
+        if cfg.train.iterations < at:
+            raise ConfigError(
+                f"--resume: {resume_state['path']} is at iteration {at}, past "
+                f"train.iterations={cfg.train.iterations}; to train longer pass "
+                f"train.iterations=N with N > {at}")
+        if cfg.train.iterations == at:
+            log.warning("--resume: %s is already at train.iterations=%d; nothing to train "
+                        "(pass a larger train.iterations to train longer)",
+                        resume_state["path"], at)
 
     check_tensorboard(cfg.output.tensorboard)  # before the run directory is made
     run_dir = make_run_dir(cfg, out)
@@ -312,15 +325,23 @@ def _train(cfg: Config, run_dir: Path, resume_state, callbacks, progress: bool) 
     bar = progress_bar(total=t.iterations, initial=start, enabled=progress and env.is_main,
                        dynamic_ncols=True, desc=f"train[{t.loss}]", leave=False)
     logger = LogHook(metrics, bar, t.log_every, t.iterations)
+    signals = StopSignals().install()
+    stop = StopHook(signals, checkpointer, env, device)  # last: after the callbacks
     hooks = [logger, CheckpointHook(checkpointer, t.checkpoint_every, t.iterations),
-             CallbackHook(callbacks)]
+             CallbackHook(callbacks), stop]
     try:
         step_times, stats = _loop(step, train_model, state, loader, range(start, t.iterations),
                            rank_order, hooks, checkpointer, env)
         done = max(t.iterations, start)
         for hook in hooks:
             hook.after_train(done, stats)
+    except RuntimeError as exc:
+        failure = stop.failure(exc)
+        if failure is None:
+            raise
+        raise failure from exc
     finally:
+        signals.restore()
         bar.close()
         metrics.close()
     # Skip the first iteration (warm-up, allocations) in the timing when there are several.
