@@ -22,7 +22,7 @@ from mapdet.engine.builders import build_dataset, build_proposals
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
 #: fork: the ranks inherit the imported modules (spawn re-imports torch in each, most of the
 #: test's time on one core).
-START = "spawn"
+START = "fork"
 #: How long the survivor may take to notice the dead peer and stop (gloo notices at once).
 BOUND_SECONDS = 30
 

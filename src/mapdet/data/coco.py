@@ -148,13 +148,22 @@ class COCODataset(DetectionDataset):
         self.annotation_json = Path(annotation_json)
         self.image_dir = Path(image_dir)
         self.coco = _load_coco(self.annotation_json)
-        cats = sorted(self.coco.loadCats(self.coco.getCatIds()), key=lambda c: c["id"])
-        self.label_to_category_id: tuple[int, ...] = tuple(int(c["id"]) for c in cats)
-        self.category_id_to_label: dict[int, int] = {
-            cid: i for i, cid in enumerate(self.label_to_category_id)
-        }
-        class_names = [str(c.get("name", c["id"])) for c in cats]
-        records = [self._record(img_id, include_crowd) for img_id in sorted(self.coco.getImgIds())]
+        try:
+            cats = sorted(self.coco.loadCats(self.coco.getCatIds()), key=lambda c: c["id"])
+            self.label_to_category_id: tuple[int, ...] = tuple(int(c["id"]) for c in cats)
+            self.category_id_to_label: dict[int, int] = {
+                cid: i for i, cid in enumerate(self.label_to_category_id)
+            }
+            class_names = [str(c.get("name", c["id"])) for c in cats]
+            records = [self._record(img_id, include_crowd)
+                       for img_id in sorted(self.coco.getImgIds())]
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+            if isinstance(exc, AnnotationError):
+                raise
+            # a value of the wrong type or a missing key that the checks above did not name
+            raise AnnotationError(
+                f"{self.annotation_json}: malformed COCO structure ({type(exc).__name__}: "
+                f"{exc})") from exc
         super().__init__(class_names, records, name=self.annotation_json.stem)
         logger.info(
             "%s: %d images, %d classes, %d objects",
@@ -170,7 +179,11 @@ class COCODataset(DetectionDataset):
         path = self.image_dir / str(info.get("file_name", f"{img_id}.jpg"))
         width, height = int(info.get("width") or 0), int(info.get("height") or 0)
         if width <= 0 or height <= 0:
-            width, height = image_size(path)
+            try:
+                width, height = image_size(path)
+            except (OSError, AnnotationError) as exc:
+                raise AnnotationError(f"{src}, image {img_id}: no width and height, and the "
+                                      f"image cannot tell them: {exc}") from exc
         boxes, labels, crowd, ann_ids = [], [], [], []
         for ann in self.coco.imgToAnns.get(img_id, []):
             where = f"{src}, annotation {ann.get('id')} (image {img_id})"
@@ -203,13 +216,17 @@ class COCODataset(DetectionDataset):
             labels.append(self.category_id_to_label[cat])
             crowd.append(is_crowd)
             ann_ids.append(int(ann.get("id", -1)))
+        box_arr = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        if not np.isfinite(box_arr).all():
+            raise AnnotationError(f"{src}, image {img_id}: a bbox or the image size is too large "
+                                  f"for float32 ({width}x{height})")
         crowd_arr = np.asarray(crowd, dtype=bool)
         return ImageRecord(
             image_id=str(img_id),
             path=path,
             width=width,
             height=height,
-            boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+            boxes=box_arr,
             labels=np.asarray(labels, dtype=np.int64),
             difficult=crowd_arr.copy(),
             extra={
