@@ -1,4 +1,4 @@
-"""The O(D)-per-query kernel of mapdet 0.x (before issue 7), kept as an intermediate reference.
+"""The O(D)-per-query kernel of mapdet 0.x (before the prefix structures): a reference.
 
 Each AP it needs is recomputed over the whole detection list, which makes it quadratic in the
 AP context but easy to trust; tests compare the near-linear kernel with it at sizes the brute
