@@ -57,6 +57,17 @@ SWEEP = [
 #: The softmax continuations at the same budget are the ``controls`` step's.
 
 
+def _versions() -> dict:
+    """The versions that decide the benchmark's numbers: the digits and Selective Search
+    proposals (numpy, OpenCV) and the training (torch, torchvision, numba)."""
+    import cv2
+    import numba
+    import torchvision
+
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": np.__version__, "opencv": cv2.__version__, "numba": numba.__version__}
+
+
 class Study:
     def __init__(self, args):
         self.args = args
@@ -158,8 +169,7 @@ class Study:
         from mapdet.io import atomic_write_text
 
         payload = {**payload, "machine": {"platform": platform.platform(),
-                                          "torch": torch.__version__,
-                                          "note": self.args.note}}
+                                          **_versions(), "note": self.args.note}}
         path = self.out / f"{name}.json"
         atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
         log.info("wrote %s", path)
