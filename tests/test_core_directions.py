@@ -9,7 +9,14 @@ from strategies import detection_instances
 
 from mapdet import pseudo_gradient
 from mapdet.core.apnms import ap_pseudo_gradient, ap_pseudo_gradient_multiclass
-from mapdet.core.pseudograd import DIRECTIONS, combine_slopes
+from mapdet.core.pseudograd import (
+    BOTH_SUMMED,
+    DIRECTIONS,
+    NEAREST_CHANGE,
+    NEAREST_IMPROVEMENT,
+    check_direction,
+    combine_slopes,
+)
 from mapdet.core.reference import ap_pseudo_gradient_reference
 from mapdet.core.synthetic import proposal_like_outputs
 
@@ -103,3 +110,13 @@ def test_unknown_direction_is_refused():
     with pytest.raises(ValueError, match="direction must be one of"):
         ap_pseudo_gradient([0.5], [[0, 0, 1, 1]], [0], [[0, 0, 1, 1]], [0], direction="up")
     assert DIRECTIONS[0] == "nearest_improvement"
+
+
+def test_direction_codes_name_the_rules():
+    """The codes the kernels read and the names are one table: code ``c`` is DIRECTIONS[c]."""
+    codes = {"nearest_improvement": NEAREST_IMPROVEMENT, "nearest_change": NEAREST_CHANGE,
+             "both_summed": BOTH_SUMMED}
+    assert sorted(codes.values()) == list(range(len(DIRECTIONS)))
+    for name, code in codes.items():
+        assert DIRECTIONS[code] == name
+        assert check_direction(name) == code

@@ -36,15 +36,23 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["DIRECTIONS", "IMPROVEMENT_TOL", "SLOPE_RTOL", "check_direction", "check_min_step",
+__all__ = ["BOTH_SUMMED", "DIRECTIONS", "IMPROVEMENT_TOL", "NEAREST_CHANGE",
+           "NEAREST_IMPROVEMENT", "SLOPE_RTOL", "check_direction", "check_min_step",
            "combine_slopes", "pseudo_gradient", "pseudo_partial"]
 
-#: The direction rules (module doc); the first is the default.
-DIRECTIONS = ("nearest_improvement", "nearest_change", "both_summed")
+#: The direction rules' codes (module doc), what :func:`check_direction` returns and the
+#: compiled kernels read. A new rule is one more code here and one more entry of ``_CODES``.
+NEAREST_IMPROVEMENT = 0
+NEAREST_CHANGE = 1
+BOTH_SUMMED = 2
+_CODES = {"nearest_improvement": NEAREST_IMPROVEMENT, "nearest_change": NEAREST_CHANGE,
+          "both_summed": BOTH_SUMMED}
+#: The direction rules by name, in code order (``DIRECTIONS[code]``); the first is the default.
+DIRECTIONS = tuple(sorted(_CODES, key=_CODES.__getitem__))
 
 
 def check_direction(direction: str) -> int:
-    """The index of ``direction`` in :data:`DIRECTIONS` (the kernels' code), or ``ValueError``."""
+    """The code of ``direction`` (its index in :data:`DIRECTIONS`), or ``ValueError``."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
     return DIRECTIONS.index(direction)
@@ -85,7 +93,7 @@ def combine_slopes(slope_up: float, slope_down: float,
     :data:`SLOPE_RTOL`) and it is not 0, else ``-slope_down``.
     """
     code = check_direction(direction)
-    if code == 2:
+    if code == BOTH_SUMMED:
         return slope_up - slope_down
     # One comparison of magnitudes serves both other rules: nearest_improvement's slopes are
     # >= 0, so their magnitudes are the slopes themselves.
@@ -137,7 +145,7 @@ def pseudo_partial(
         direction: the rule, one of :data:`DIRECTIONS` (module doc).
     """
     mu = check_min_step(min_step)
-    change = check_direction(direction) == 1
+    change = check_direction(direction) == NEAREST_CHANGE
     points = np.unique(np.asarray(breakpoints, dtype=np.float64))
     slopes = []
     for sense in (+1, -1):
