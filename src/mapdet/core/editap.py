@@ -44,12 +44,43 @@ count, at least 1).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from numba import njit
 from numba.extending import register_jitable
 
-__all__ = ["COUNT", "INS_GAP", "INS_SEC", "INS_W", "REM", "SHIFT_RANGE", "ap_of_list",
-           "build_base", "edited_ap", "make_edits", "make_pool", "make_scratch"]
+__all__ = ["COUNT", "INS_GAP", "INS_SEC", "INS_W", "REM", "SHIFT_RANGE", "BaseList", "EditSet",
+           "SegmentPool", "ap_of_list", "build_base", "edited_ap", "make_edits", "make_pool",
+           "make_scratch"]
+
+
+class BaseList(NamedTuple):
+    """The base list's labels and TP ranks at every threshold (:func:`build_base`)."""
+
+    det: np.ndarray
+    lab: np.ndarray
+    cnt: np.ndarray
+    tp_n: np.ndarray
+    holder: np.ndarray
+    nxt: np.ndarray
+
+
+class SegmentPool(NamedTuple):
+    """Storage of the per-shift segment structures (:func:`make_pool`)."""
+
+    slot_of: np.ndarray
+    f: np.ndarray
+    st: np.ndarray
+    lg: np.ndarray
+    meta: np.ndarray
+
+
+class EditSet(NamedTuple):
+    """An edit set of the base list (:func:`make_edits`)."""
+
+    ed: np.ndarray
+    removed: np.ndarray
 
 #: Shifts ``(a, b)`` with ``|a|, |b| <= SHIFT_RANGE`` get a cached segment structure.
 SHIFT_RANGE = 3
@@ -63,12 +94,12 @@ _INS, _REM, _RTP, _RFP = 0, 1, 2, 3
 def build_base(det, best, best_iou, gt_diff, thetas):
     """Labels and TP ranks of the base list ``det (D,)`` at every threshold ``thetas (T,)``.
 
-    Returns ``(det, lab (T, D) int8, cnt (T, 2, D+1), tp_n (T, D), holder (T, G),
-    nxt (T, D))``: ``cnt[t, 0, p]`` / ``cnt[t, 1, p]`` count TPs / non-ignored detections at
-    base positions ``< p`` (so ``cnt[t, 0, D]`` is the number of TPs ``M``); ``tp_n[t, j]``
-    is the 1-based non-ignored rank of TP ``j``; ``holder[t, g]`` is the base position of
-    ``g``'s first claimant (-1: none) and ``nxt[t, p]`` the next claimant of the same ground
-    truth."""
+    Returns a :class:`BaseList` ``(det, lab (T, D) int8, cnt (T, 2, D+1), tp_n (T, D),
+    holder (T, G), nxt (T, D))``: ``cnt[t, 0, p]`` / ``cnt[t, 1, p]`` count TPs / non-ignored
+    detections at base positions ``< p`` (so ``cnt[t, 0, D]`` is the number of TPs ``M``);
+    ``tp_n[t, j]`` is the 1-based non-ignored rank of TP ``j``; ``holder[t, g]`` is the base
+    position of ``g``'s first claimant (-1: none) and ``nxt[t, p]`` the next claimant of the same
+    ground truth."""
     n_t = thetas.size
     d_n = det.size
     g_n = gt_diff.size
@@ -109,17 +140,17 @@ def build_base(det, best, best_iou, gt_diff, thetas):
                 r += 1
         cnt[t, 0, d_n] = m
         cnt[t, 1, d_n] = r
-    return (det, lab, cnt, tp_n, holder, nxt)
+    return BaseList(det, lab, cnt, tp_n, holder, nxt)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def make_pool(n_t, m_max, budget_bytes):
     """Storage for the lazily built per-shift segment structures.
 
-    Returns ``(slot_of (T, 2S+1, 2S+1), f (P, 3, M+1), st (P, L, M), lg (M+1,), meta (4,))``:
-    ``f[sl]`` holds ``u``, ``W`` and ``Q`` of slot ``sl``, ``st[sl]`` its sparse table;
-    ``meta = [slots used, capacity P, fallbacks, segments]``; the
-    capacity ``P`` keeps the pool within ``budget_bytes`` (at least 9 slots)."""
+    Returns a :class:`SegmentPool` ``(slot_of (T, 2S+1, 2S+1), f (P, 3, M+1), st (P, L, M),
+    lg (M+1,), meta (4,))``: ``f[sl]`` holds ``u``, ``W`` and ``Q`` of slot ``sl``, ``st[sl]`` its
+    sparse table; ``meta = [slots used, capacity P, fallbacks, segments]``; the capacity ``P`` keeps
+    the pool within ``budget_bytes`` (at least 9 slots)."""
     side = 2 * SHIFT_RANGE + 1
     m = max(m_max, 1)
     levels = 1
@@ -132,18 +163,18 @@ def make_pool(n_t, m_max, budget_bytes):
         lg[k] = lg[k >> 1] + 1
     meta = np.zeros(4, dtype=np.int64)
     meta[1] = cap
-    return (np.full((n_t, side, side), -1, dtype=np.int64), np.empty((cap, 3, m + 1)),
-            np.empty((cap, levels, m)), lg, meta)
+    return SegmentPool(np.full((n_t, side, side), -1, dtype=np.int64), np.empty((cap, 3, m + 1)),
+                       np.empty((cap, levels, m)), lg, meta)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def make_edits(d_n, cap):
-    """Edit-set storage ``(ed (5, cap) int64, removed (D,) bool)``: rows ``REM, INS_W,
-    INS_GAP, INS_SEC`` hold the removed base positions and the inserted windows, their gaps
+    """Edit-set storage, an :class:`EditSet` ``(ed (5, cap) int64, removed (D,) bool)``: rows ``REM,
+    INS_W, INS_GAP, INS_SEC`` hold the removed base positions and the inserted windows, their gaps
     and tie-break keys; ``ed[COUNT, 0]`` / ``ed[COUNT, 1]`` count removals / insertions;
     ``removed[p]`` marks the removed base positions."""
     ed = np.full((5, max(cap, 2)), 0, dtype=np.int64)  # np.full: a form compiled anyway
-    return (ed, np.zeros(max(d_n, 1), dtype=np.bool_))
+    return EditSet(ed, np.zeros(max(d_n, 1), dtype=np.bool_))
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -155,9 +186,9 @@ def make_scratch(n_edits):
 @register_jitable(error_model="numpy", no_cfunc_wrapper=True)
 def _build_slot(pool, sl, t, a, b, base, weights):
     """Fill pool slot ``sl`` with the segment structure of threshold ``t``, shift ``(a, b)``."""
-    f, st = pool[1], pool[2]
-    tp_n = base[3]
-    m_n = base[2][t, 0, -1]
+    f, st = pool.f, pool.st
+    tp_n = base.tp_n
+    m_n = base.cnt[t, 0, -1]
     nw = weights.size
     u = f[sl, 0]
     W = f[sl, 1]
@@ -217,7 +248,7 @@ def _segment(pool, base, weights, t, l, r, a, b, c):
             slot_of[t, a + s_r, b + s_r] = sl
     if sl < 0:  # direct sum, exact
         meta[2] += 1
-        tp_n = base[3]
+        tp_n = base.tp_n
         nw = weights.size
         total = 0.0
         for j in range(r - 1, l - 1, -1):

@@ -21,11 +21,46 @@ division is guarded or, in the branch-free IoU loops, meant to give NaN on a zer
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from numba import njit
 from numba.extending import register_jitable
 
-__all__ = ["cascade", "group_by", "iou", "kept_graph", "nms_keep", "reset_after"]
+__all__ = ["CascadeScratch", "KeptGraph", "cascade", "group_by", "iou", "kept_graph", "nms_keep",
+           "reset_after"]
+
+
+class KeptGraph(NamedTuple):
+    """The overlap lists :func:`cascade` walks (:func:`kept_graph`): three CSR pairs over the
+    windows ``0..N-1`` (each ``ptr`` ``(N+1,)``)."""
+
+    e_ptr: np.ndarray
+    """With ``e_idx``: each window's kept earlier neighbours."""
+    e_idx: np.ndarray
+    lk_ptr: np.ndarray
+    """With ``lk_idx``: a suppressed window's kept later neighbours, in rank order."""
+    lk_idx: np.ndarray
+    ls_ptr: np.ndarray
+    """With ``ls_idx``: a kept window's later neighbours, in rank order, then stably sorted by
+    their number of kept earlier neighbours."""
+    ls_idx: np.ndarray
+
+
+class CascadeScratch(NamedTuple):
+    """The scratch state of :func:`cascade`, for ``N`` windows."""
+
+    inq: np.ndarray
+    """``(N,)`` bool: pushed on the heap (or blocked)."""
+    chg: np.ndarray
+    """``(N,)`` int8: 1 now kept, 2 now suppressed, 0 unchanged."""
+    q: np.ndarray
+    """``(5, N+1)`` int64, rows :data:`Q_KEY`, :data:`Q_VAL` (the heap), :data:`Q_PUSHED`,
+    :data:`Q_CHANGED` and :data:`Q_BLOCKED`."""
+
+
+#: Rows of :attr:`CascadeScratch.q`.
+Q_KEY, Q_VAL, Q_PUSHED, Q_CHANGED, Q_BLOCKED = 0, 1, 2, 3, 4
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -162,7 +197,7 @@ def kept_graph(icand, iptr, need, kept, boxes, nu, n):
 
     ``icand[iptr[b]:iptr[b+1]]`` are image ``b``'s candidates in rank order, ``kept (n,)``
     greedy NMS's decisions. Returns ``(graph, base_cnt)``: ``graph`` is three CSR pairs in
-    one tuple, ``(e_ptr, e_idx)`` each window's kept earlier neighbours (there are
+    a :class:`KeptGraph`, ``(e_ptr, e_idx)`` each window's kept earlier neighbours (there are
     ``base_cnt[w]`` of them), ``(lk_ptr, lk_idx)`` a suppressed window's kept later
     neighbours in rank order (what it suppresses once released) and ``(ls_ptr, ls_idx)`` a
     kept window's later neighbours (all suppressed, by it) in rank order, then stably sorted
@@ -171,7 +206,7 @@ def kept_graph(icand, iptr, need, kept, boxes, nu, n):
     ``O(C K)`` IoUs per image (``C`` candidates, ``K`` kept), not ``O(C^2)``."""
     z = np.zeros(n + 1, dtype=np.int64)
     none = np.empty(0, dtype=np.int64)
-    graph = (z, none, z.copy(), none, z.copy(), none)
+    graph = KeptGraph(z, none, z.copy(), none, z.copy(), none)
     base_cnt = np.zeros(n, dtype=np.int64)
     if nu >= 1.0:
         return graph, base_cnt
@@ -194,7 +229,9 @@ def kept_graph(icand, iptr, need, kept, boxes, nu, n):
     e_idx = np.empty(e_ptr[n], dtype=np.int64)
     lk_idx = np.empty(lk_ptr[n], dtype=np.int64)
     ls_idx = np.empty(ls_ptr[n], dtype=np.int64)
-    fill = (e_ptr[:-1].copy(), e_idx, lk_ptr[:-1].copy(), lk_idx, ls_ptr[:-1].copy(), ls_idx)
+    # The write pass's cursors, in a graph's layout (one compile of _kept_pairs).
+    fill = KeptGraph(e_ptr[:-1].copy(), e_idx, lk_ptr[:-1].copy(), lk_idx, ls_ptr[:-1].copy(),
+                     ls_idx)
     _kept_pairs(icand, iptr, need, kept, boxes, nu, fill, base_cnt, not count_only, scratch)
     # Each kept window's list sorted by base_cnt (counting sort, stable; keys are small).
     tally = np.zeros(n + 2, dtype=np.int64)
@@ -217,7 +254,7 @@ def kept_graph(icand, iptr, need, kept, boxes, nu, n):
         for e in range(lo, hi):
             ls_idx[e] = tmp[e]
         tally[: top + 1] = 0
-    return (e_ptr, e_idx, lk_ptr, lk_idx, ls_ptr, ls_idx), base_cnt
+    return KeptGraph(e_ptr, e_idx, lk_ptr, lk_idx, ls_ptr, ls_idx), base_cnt
 
 
 @register_jitable(error_model="numpy", no_cfunc_wrapper=True)
@@ -268,22 +305,22 @@ def cascade(seeds, n_seeds, n_events, extra, boxes, nu, rank, graph, base_cnt, b
     neighbours of a window that becomes kept, and, after the ``R``-th suppression event
     (``n_events`` already happened), the suppressed later neighbours with ``base_cnt <= R``.
 
-    ``cs = (inq (N,) bool, chg (N,) int8, q (5, N+1) int64)`` is scratch, the rows of ``q``
-    being the heap keys and values, the pushed windows, the changed ones and the *blocked*
-    ones. Returns ``(n_changed, n_pushed, n_blocked)``; ``changed[:n_changed]`` (rank order)
-    have ``chg = 1`` (now kept) or ``2`` (now suppressed); ``blocked[:n_blocked]`` are the
-    windows ``extra`` kept from being pushed (it overlaps them) that would be kept but for
-    ``extra`` (their kept earlier neighbours in the base state all ended suppressed, and no
-    window that became kept above them overlaps them). (They are marked in ``inq`` and listed
-    among the pushed, so that
-    :func:`reset_after` clears them.) Another ``extra'`` whose kept neighbours are the same
-    seeds gives the same changes when it overlaps every blocked window and no window that
-    became kept, and is not one of those (docs/method.md, section 5). Clear with
+    ``cs`` (:class:`CascadeScratch`: ``inq (N,) bool, chg (N,) int8, q (5, N+1) int64``) is scratch,
+    the rows of ``q`` being the heap keys and values, the pushed windows, the changed ones and the
+    *blocked* ones. Returns ``(n_changed, n_pushed, n_blocked)``; ``changed[:n_changed]`` (rank
+    order) have ``chg = 1`` (now kept) or ``2`` (now suppressed); ``blocked[:n_blocked]`` are the
+    windows ``extra`` kept from being pushed (it overlaps them) that would be kept but for ``extra``
+    (their kept earlier neighbours in the base state all ended suppressed, and no window that became
+    kept above them overlaps them). (They are marked in ``inq`` and listed among the pushed, so that
+    :func:`reset_after` clears them.) Another ``extra'`` whose kept neighbours are the same seeds
+    gives the same changes when it overlaps every blocked window and no window that became kept, and
+    is not one of those (docs/method.md, section 5). Clear with
     :func:`reset_after`.
     """
     (e_ptr, e_idx, lk_ptr, lk_idx, ls_ptr, ls_idx) = graph
     (inq, chg, q) = cs
-    hk, hv, pushed, changed, blocked = q[0], q[1], q[2], q[3], q[4]
+    hk, hv, pushed, changed = q[Q_KEY], q[Q_VAL], q[Q_PUSHED], q[Q_CHANGED]
+    blocked = q[Q_BLOCKED]
     size = np.int64(0)  # typed: a literal 0 would compile the heap functions twice
     n_pushed = 0
     n_blocked = 0
@@ -370,7 +407,7 @@ def cascade(seeds, n_seeds, n_events, extra, boxes, nu, rank, graph, base_cnt, b
 def reset_after(cs, n_pushed, n_changed):
     """Clear the scratch state ``cs`` touched by one :func:`cascade` call."""
     (inq, chg, q) = cs
-    pushed, changed = q[2], q[3]
+    pushed, changed = q[Q_PUSHED], q[Q_CHANGED]
     for k in range(n_pushed):
         inq[pushed[k]] = False
     for k in range(n_changed):
