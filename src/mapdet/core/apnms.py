@@ -29,7 +29,13 @@ from mapdet.core.ap import (
 from mapdet.core.boxes import as_boxes, check_boxes, check_finite
 from mapdet.core.editap import ap_of_list
 from mapdet.core.fixed import FixedClass, FixedDetections, join_fixed
-from mapdet.core.gradkernel import N_STATS, base_detections, pseudo_gradient_kernel
+from mapdet.core.gradkernel import (
+    N_STATS,
+    ClassData,
+    KernelParams,
+    base_detections,
+    pseudo_gradient_kernel,
+)
 from mapdet.core.nms import detection_order
 from mapdet.core.pseudograd import IMPROVEMENT_TOL, SLOPE_RTOL, check_direction, check_min_step
 from mapdet.defaults import NMS_IOU, SCORE_THRESHOLD
@@ -221,10 +227,11 @@ def solve_class(p: ClassProblem, grad_rows: int | None = None, stats: np.ndarray
         return float("nan"), grad
     if n == 0:
         return 0.0, grad
-    par = np.array([p.tau, p.nu, p.mu, IMPROVEMENT_TOL, SLOPE_RTOL, p.direction],
-                   dtype=np.float64)
-    prob = (p.scores, p.boxes, p.dense_img, p.n_img, p.order, p.rank, p.best, p.best_iou,
-            p.gt_difficult, p.thetas, p.weights, par)
+    # Plain floats and an int: one set of argument types, so the kernel compiles once.
+    par = KernelParams(float(p.tau), float(p.nu), float(p.mu), float(IMPROVEMENT_TOL),
+                       float(SLOPE_RTOL), int(p.direction))
+    data = ClassData(p.scores, p.boxes, p.dense_img, int(p.n_img), p.order, p.rank, p.best,
+                     p.best_iou, p.gt_difficult, p.thetas, p.weights)
     if stats is None:
         stats = np.zeros(N_STATS, dtype=np.int64)
     elif stats.shape != (N_STATS,) or stats.dtype != np.int64:  # the kernel writes unchecked
@@ -232,7 +239,7 @@ def solve_class(p: ClassProblem, grad_rows: int | None = None, stats: np.ndarray
                          f"{stats.shape}")
     if gain is None:
         gain = np.zeros(n, dtype=np.float64)
-    f0 = pseudo_gradient_kernel(prob, n if grad_rows is None else min(int(grad_rows), n),
+    f0 = pseudo_gradient_kernel(data, par, n if grad_rows is None else min(int(grad_rows), n),
                                 grad, gain, stats)
     return float(f0), grad
 
