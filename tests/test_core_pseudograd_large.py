@@ -1,11 +1,18 @@
 """The near-linear pseudo-gradient at sizes the brute force cannot reach, against the
-previous O(D)-per-query kernel (tests/linear_kernel.py), and the memory windows
-(``grad_rows``) against the brute force."""
+recorded outputs of the previous O(D)-per-query kernel (tests/record_linear_kernel.py), and
+the memory windows (``grad_rows``) against the brute force."""
 
 import numpy as np
-from hypothesis import assume, given, settings
+import pytest
+from hypothesis import given, settings
 from hypothesis import strategies as st
-from linear_kernel import ap_pseudo_gradient_multiclass as linear_multiclass
+from record_linear_kernel import (
+    CLUSTER_CASES,
+    PROPOSAL_CASES,
+    RECORDS,
+    cluster_inputs,
+    proposal_inputs,
+)
 from strategies import detection_instances
 
 from mapdet.core.apnms import ap_pseudo_gradient_multiclass, class_problem, solve_class
@@ -16,22 +23,20 @@ from mapdet.core.synthetic import proposal_like_outputs
 COCO = tuple(np.round(np.linspace(0.5, 0.95, 10), 2))
 
 
-@settings(max_examples=12, deadline=None)
-@given(st.integers(0, 10_000), st.sampled_from([0.5, (0.5, 0.75), COCO]),
-       st.sampled_from(["area", "voc07", "r101"]), st.sampled_from([None, 150]),
-       st.sampled_from([2, 3]))
-def test_equals_linear_kernel_on_proposal_workloads(seed, match_iou, ap_method, grad_rows,
-                                                     decimals):
-    o = proposal_like_outputs(num_images=4, windows_per_image=120, num_classes=2,
-                              objects_per_image=(1, 4), seed=seed)
-    probs = np.round(o.probs, decimals)  # ties
-    args = (probs, o.boxes, o.image_ids, o.gt_boxes, o.gt_labels, o.gt_image_ids,
-            o.gt_difficult)
-    kw = dict(match_iou=match_iou, ap_method=ap_method, grad_rows=grad_rows, num_threads=1)
-    aps, g = ap_pseudo_gradient_multiclass(*args, **kw)
-    aps_l, g_l = linear_multiclass(*args, **kw)
-    np.testing.assert_allclose(aps, aps_l, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(g, g_l, rtol=1e-9, atol=1e-9)
+@pytest.fixture(scope="module")
+def records():
+    with np.load(RECORDS) as r:
+        return dict(r)
+
+
+@pytest.mark.parametrize("case", range(len(PROPOSAL_CASES)))
+def test_equals_linear_kernel_on_proposal_workloads(records, case):
+    seed, match_iou, ap_method, grad_rows, decimals = PROPOSAL_CASES[case]
+    aps, g = ap_pseudo_gradient_multiclass(
+        *proposal_inputs(seed, decimals), match_iou=match_iou, ap_method=ap_method,
+        grad_rows=grad_rows, num_threads=1)
+    np.testing.assert_allclose(aps, records[f"proposal{case}_aps"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(g, records[f"proposal{case}_grads"], rtol=1e-9, atol=1e-9)
 
 
 @settings(max_examples=60, deadline=None)
@@ -51,27 +56,21 @@ def test_memory_windows_get_no_gradient_and_change_nothing_else(inst, k):
     assert not g[k:, 0].any()
 
 
-@settings(max_examples=10, deadline=None)
-@given(st.integers(0, 10_000), st.sampled_from([0.3, 0.5, 0.7]),
-       st.sampled_from([0.5, (0.5, 0.75)]))
-def test_shared_cascades_on_dense_clusters_equal_linear_kernel(seed, nms_iou, match_iou):
+@pytest.mark.parametrize("case", range(len(CLUSTER_CASES)))
+def test_shared_cascades_on_dense_clusters_equal_linear_kernel(records, case):
     # One image, 600 windows around 1-3 objects: most windows that are not kept share their
     # kept neighbours, so many cascades are reused (the counters say so); the gradient must
     # not change.
-    o = proposal_like_outputs(num_images=1, windows_per_image=600, num_classes=1,
-                              objects_per_image=(1, 3), seed=seed)
-    args = (o.probs[:, 0], o.boxes[:, 0], o.image_ids, o.gt_boxes, o.gt_image_ids,
-            o.gt_difficult)
-    p = class_problem(*args, score_threshold=0.05, nms_iou=nms_iou, match_iou=match_iou,
-                      ap_method="area", min_step=1e-3)
-    assume(p.npos > 0)  # (all objects difficult: the AP is undefined, nothing runs)
+    seed, nms_iou, match_iou = CLUSTER_CASES[case]
+    probs, boxes, image_ids, gt_boxes, _, gt_image_ids, gt_difficult = cluster_inputs(seed)
+    p = class_problem(probs[:, 0], boxes[:, 0], image_ids, gt_boxes, gt_image_ids,
+                      gt_difficult, score_threshold=0.05, nms_iou=nms_iou,
+                      match_iou=match_iou, ap_method="area", min_step=1e-3)
+    assert p.npos > 0  # (the cases are chosen so: with no positives nothing runs)
     stats = np.zeros(N_STATS, dtype=np.int64)
     ap, g = solve_class(p, None, stats)
-    aps_l, g_l = linear_multiclass(o.probs[:, :1], o.boxes[:, :1], o.image_ids, o.gt_boxes,
-                                   o.gt_labels, o.gt_image_ids, o.gt_difficult,
-                                   nms_iou=nms_iou, match_iou=match_iou, num_threads=1)
-    np.testing.assert_allclose(ap, aps_l[0], rtol=0, atol=1e-12)
-    np.testing.assert_allclose(g, g_l[:, 0], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(ap, records[f"cluster{case}_aps"][0], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(g, records[f"cluster{case}_grads"][:, 0], rtol=1e-9, atol=1e-9)
     assert stats[5] > 0 and stats[4] > 0  # cascades run and reused
 
 
