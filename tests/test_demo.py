@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
 from mapdet.config import MAP_STAGE_LR, load_config
@@ -54,6 +56,9 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert results["finetune"]["map_normalization"] == default_config().loss.normalization
     assert results["config"]["model"]["backbone"] == "small"
     assert results["machine"]["cpu_count"] >= 1
+    # the versions that move the figures between machines are named
+    assert results["machine"]["numpy"] == np.__version__
+    assert results["machine"]["opencv"].startswith(cv2.__version__)
     for name in ("pr_curves_softmax.png", "pr_curves_map.png", "detections_map.png"):
         assert (out / name).is_file(), name
     assert (out / "map" / "eval" / "metrics.json").is_file()

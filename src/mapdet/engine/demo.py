@@ -126,6 +126,16 @@ def _nan(x: float | None) -> float:
 
 
 def _machine() -> dict[str, Any]:
+    """Where the figures came from: the same config's mAP moves by a few points between
+    numpy and OpenCV versions (the digits' rendering, Selective Search), so they are named."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def _version(dist: str) -> str | None:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return None
+
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
@@ -133,6 +143,9 @@ def _machine() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "numpy": _version("numpy"),
+        "opencv": _version("opencv-contrib-python-headless"),
+        "numba": _version("numba"),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
