@@ -372,7 +372,7 @@ SCREEN = {
        for lr in (1e-4, 1e-3, 3e-3)},
     **{f"mixed_w{w:g}": ["train.loss=softmax_map", "train.lr=0.001", f"loss.map_loss_weight={w}"]
        for w in (0.1, 0.3, 1.0, 3.0)},
-    **{f"map_adam_lr{lr:g}": _map(lr, "train.optimizer=adam") for lr in (1e-6, 1e-5, 1e-4)},
+    **{f"map_adam_lr{lr:g}": _map(lr, "train.optimizer=adam") for lr in (1e-6, 3e-6, 1e-5, 1e-4)},
     **{f"map_adamw_lr{lr:g}": _map(lr, "train.optimizer=adamw") for lr in (1e-6, 1e-5)},
     # for --from-start: the config's own recipe (its rate 0.02, warm-up and step)
     "start_softmax": ["train.loss=softmax"],
@@ -508,7 +508,8 @@ def report_table(out_dir: Path, table: str, bar: str | None = None,
     seeds, or the one value), the change from the base, and the median seconds per iteration
     (shared machine: not a benchmark). With ``bar`` (an entry's name): the difference of the
     means from the bar's, marked ``**`` where it exceeds 2 standard deviations (the larger of
-    the two entries' sample stds)."""
+    the two entries' sample stds), and Welch's t of the difference, ``d / sqrt(s1^2 / n1 +
+    s2^2 / n2)`` (a difference of means against its standard error; both need 2 seeds)."""
     data = json.loads((out_dir / f"{table}.json").read_text())
     bar_sm = data["entries"][bar]["summary"] if bar else None
 
@@ -516,7 +517,12 @@ def report_table(out_dir: Path, table: str, bar: str | None = None,
         d = 100 * (sm[key]["mean"] - bar_sm[key]["mean"])
         sd = [x for x in (sm[key]["std"], bar_sm[key]["std"]) if x is not None]
         mark = "**" if len(sd) == 2 and abs(d) > 2 * 100 * max(sd) else ""
-        return f"{mark}{d:+.2f}{mark}"
+        if len(sd) < 2:
+            return f"{mark}{d:+.2f}{mark}"
+        n1, n2 = len(sm[key]["values"]), len(bar_sm[key]["values"])
+        se = 100 * math.sqrt(sd[0] ** 2 / n1 + sd[1] ** 2 / n2)
+        t = f" (t {d / se:+.1f})" if se > 0 else ""
+        return f"{mark}{d:+.2f}{mark}{t}"
     pr, b = data["protocol"], data["protocol"]["baseline"]
 
     def cell(sm, key):
