@@ -379,11 +379,11 @@ SCREEN = {
     **{f"start_mixed_w{w:g}": ["train.loss=softmax_map", f"loss.map_loss_weight={w}"]
        for w in (0.1, 1.0)},
     # clipping at 1.5, the median gradient norm of the exact rule from the converged base
-    # (its 90th percentile is 8.6, softmax's 3.0)
+    # (its 90th percentile is 10, softmax's 2.8: experiments/map_study_replicate/grad_norms.json)
     **{f"map_clip1.5_lr{lr:g}": _map(lr, "train.clip_grad_norm=1.5") for lr in (1e-4, 3e-4, 1e-3)},
     **{f"map_clip{c:g}_lr{lr:g}": _map(lr, f"train.clip_grad_norm={c}")
        for c in (0.5, 3.0) for lr in (1e-4,)},
-    # the same clipping for softmax (its median norm is 2.25): is it the clip alone?
+    # the same clipping for softmax (its median norm is 2.2): is it the clip alone?
     **{f"softmax_clip1.5_lr{lr:g}": ["train.loss=softmax", f"train.lr={lr}",
                                      "train.clip_grad_norm=1.5"] for lr in (1e-3,)},
 }

@@ -53,9 +53,9 @@ DIRECTIONS = tuple(sorted(_CODES, key=_CODES.__getitem__))
 
 def check_direction(direction: str) -> int:
     """The code of ``direction`` (its index in :data:`DIRECTIONS`), or ``ValueError``."""
-    if direction not in DIRECTIONS:
+    if direction not in _CODES:
         raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
-    return DIRECTIONS.index(direction)
+    return _CODES[direction]
 
 #: ``v`` counts as an improvement over ``f(x)`` only when ``v > f(x) + IMPROVEMENT_TOL``.
 #: Piecewise-constant objectives computed in floating point (AP is a sum of ratios) can
