@@ -261,7 +261,8 @@ def compare_voc(args, tmp: Path, w: dict, records, detections, rows: list) -> fl
         rows.append((name, best(times[key]), ratio(port, best(times[key]))))
     if args.blame:
         out = tmp / "blame_out"
-        blame_args = ("--blame", str(args.blame), "--out", str(out))
+        # the timed run writes where the warm-up did: --overwrite replaces mapdet's own files
+        blame_args = ("--blame", str(args.blame), "--out", str(out), "--overwrite")
         cli(w, tmp / "cli_cache0", True, blame_args)  # warm-up: numba's disk cache
         t_blame = cli(w, tmp / "cli_cache0", True, blame_args)
         blamed = json.loads((out / "blame.json").read_text())
